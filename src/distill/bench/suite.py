@@ -1,0 +1,213 @@
+"""Suites: recipes × seeds -> a leaderboard (mean ± std over seeds) in Markdown, CSV and plots.
+
+A suite is YAML::
+
+    name: demo
+    seeds: 3
+    recipes:
+      - mnist1d-ce                                   # a shipped recipe name or a path
+      - {recipe: mnist1d-kd, label: kd+ls, set: [method.standardize=true]}
+
+Finished runs with an identical resolved recipe are reused, and the teacher is trained once.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from distill.core import report
+from distill.core.recipe import Strict, load_recipe
+from distill.core.runner import RunResult, run_recipe
+from distill.errors import MissingFileError, RecipeError, did_you_mean
+
+COLUMNS = [
+    ("test/accuracy", "accuracy", True),
+    ("test/ece", "ECE", False),
+    ("test/nll", "NLL", False),
+    ("test/agreement", "agreement", True),
+    ("test/kl_to_teacher", "KL(T‖S)", False),
+    ("time/train_s", "time (s)", False),
+]
+
+
+class Entry(Strict):
+    recipe: str
+    label: str | None = None
+    set: list[str] = Field(default_factory=list)
+
+
+class Suite(Strict):
+    name: str
+    description: str = ""
+    seeds: int = Field(3, ge=1)
+    recipes: list[Entry | str]
+
+    def entries(self) -> list[Entry]:
+        return [Entry(recipe=e) if isinstance(e, str) else e for e in self.recipes]
+
+
+def shipped_suites() -> list[str]:
+    folder = resources.files("distill") / "suites"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_suite(ref: str) -> tuple[Suite, Path]:
+    path = Path(ref)
+    if not path.is_file():
+        shipped = resources.files("distill") / "suites" / f"{ref}.yaml"
+        if not shipped.is_file():
+            raise MissingFileError(f"suite '{ref}' not found{did_you_mean(ref, shipped_suites())}; shipped: {shipped_suites()}")
+        path = Path(str(shipped))
+    try:
+        return Suite.model_validate(yaml.safe_load(path.read_text())), path.parent
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise RecipeError(f"suite {path}: key '{'.'.join(map(str, e['loc']))}': {e['msg']}") from None
+
+
+@dataclass
+class Row:
+    label: str
+    method: str
+    runs: list[RunResult]
+
+    def stat(self, key: str) -> tuple[float, float] | None:
+        vals = [r.metrics[key] for r in self.runs if key in r.metrics]
+        if not vals:
+            return None
+        return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def run_suite(
+    ref: str,
+    out: str | Path | None = None,
+    seeds: int | None = None,
+    overrides: list[str] | None = None,
+    on_run: Callable[[str, int, RunResult], None] | None = None,
+    progress: bool = True,
+) -> tuple[list[Row], Path]:
+    suite, base = load_suite(ref)
+    out = Path(out) if out else Path("runs") / "bench" / suite.name
+    n_seeds = seeds or suite.seeds
+    entries = suite.entries()
+    # validate every recipe before training anything
+    recipes = []
+    for e in entries:
+        r = load_recipe(e.recipe, e.set + (overrides or []), base_dir=base)
+        recipes.append((e.label or r.name, r))
+    rows = []
+    for label, r in recipes:
+        runs = []
+        for seed in range(n_seeds):
+            rs = r.model_copy(update={"seed": seed})
+            res = run_recipe(rs, out=out, name=f"{label}-s{seed}", progress=progress)
+            runs.append(res)
+            if on_run:
+                on_run(label, seed, res)
+        rows.append(Row(label, r.method.name, runs))
+    write_leaderboard(out, suite, rows, n_seeds)
+    return rows, out
+
+
+def _cell(row: Row, key: str) -> str:
+    s = row.stat(key)
+    if s is None:
+        return "–"
+    digits = 1 if key.startswith("time/") else 4
+    if key == "test/accuracy":
+        return f"{100 * s[0]:.2f} ± {100 * s[1]:.2f}"
+    return f"{s[0]:.{digits}f} ± {s[1]:.{digits}f}"
+
+
+def teacher_metrics(rows: list[Row]) -> dict[str, float]:
+    for row in rows:
+        for r in row.runs:
+            if "teacher/accuracy" in r.metrics:
+                return {k.removeprefix("teacher/"): v for k, v in r.metrics.items() if k.startswith("teacher/")}
+    return {}
+
+
+def leaderboard_markdown(suite: Suite, rows: list[Row], n_seeds: int) -> str:
+    head = "| method | " + " | ".join(c[1] for c in COLUMNS) + " |"
+    lines = [
+        f"# Leaderboard: {suite.name}",
+        "",
+        suite.description.strip(),
+        "",
+        f"Mean ± std over {n_seeds} seed(s); test metrics of the last-epoch model (never selected on test). "
+        "Accuracy in %.",
+        "",
+        head,
+        "|" + "---|" * (len(COLUMNS) + 1),
+    ]
+    for row in rows:
+        lines.append(f"| {row.label} | " + " | ".join(_cell(row, c[0]) for c in COLUMNS) + " |")
+    t = teacher_metrics(rows)
+    if t:
+        lines += ["", f"Teacher: accuracy {100 * t['accuracy']:.2f} %, ECE {t['ece']:.4f}, NLL {t['nll']:.4f}."]
+    lines += ["", "![accuracy and ECE](leaderboard.png)", "", "![validation curves](curves.png)", ""]
+    return "\n".join(lines)
+
+
+def write_leaderboard(out: Path, suite: Suite, rows: list[Row], n_seeds: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "leaderboard.md").write_text(leaderboard_markdown(suite, rows, n_seeds))
+    with open(out / "leaderboard.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "seeds"] + [f"{c[0]}_{s}" for c in COLUMNS for s in ("mean", "std")])
+        for row in rows:
+            cells: list[Any] = [row.label, len(row.runs)]
+            for c in COLUMNS:
+                s = row.stat(c[0])
+                cells += list(s) if s else ["", ""]
+            w.writerow(cells)
+    plot_leaderboard(out / "leaderboard.png", rows, teacher_metrics(rows))
+    plot_curves(out / "curves.png", rows)
+
+
+def plot_leaderboard(path: Path, rows: list[Row], teacher: dict[str, float]) -> None:
+    plt = report.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    labels = [r.label for r in rows]
+    for ax, key, title in ((axes[0], "test/accuracy", "test accuracy"), (axes[1], "test/ece", "test ECE (lower is better)")):
+        stats = [r.stat(key) or (0.0, 0.0) for r in rows]
+        ax.bar(labels, [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=4, color="tab:blue")
+        tk = key.removeprefix("test/")
+        if tk in teacher:
+            ax.axhline(teacher[tk], color="tab:red", ls="--", label="teacher")
+            ax.legend()
+        if key == "test/accuracy":
+            lo = min(s[0] - s[1] for s in stats)
+            ax.set_ylim(max(0.0, lo - 0.05), min(1.0, max(max(s[0] + s[1] for s in stats), teacher.get(tk, 0)) + 0.03))
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(path: Path, rows: list[Row]) -> None:
+    """Validation accuracy against training progress (fraction of the run), mean over seeds."""
+    plt = report.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row in rows:
+        curves = [report.series(r.history, "val/accuracy") for r in row.runs if r.history]
+        if not curves:
+            continue
+        n = min(len(c[1]) for c in curves)
+        xs = [x / curves[0][0][n - 1] for x in curves[0][0][:n]]
+        ys = [statistics.fmean(c[1][i] for c in curves) for i in range(n)]
+        ax.plot(xs, ys, label=row.label)
+    ax.set_xlabel("fraction of training"), ax.set_ylabel("validation accuracy"), ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,144 @@
+"""The ``distill`` command line: run | bench | list | eval | demo."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from distill.errors import DistillError, Interrupted
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Knowledge distillation: train a small student from a large teacher with a proven method.")
+out_console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(err: DistillError) -> None:
+    if isinstance(err, Interrupted):
+        err_console.print(f"[yellow]{err}[/]; continue with the same command plus --resume")
+        raise typer.Exit(130)
+    err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _metrics_table(title: str, metrics: dict[str, float]) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    return table
+
+
+@app.command()
+def run(
+    recipe: str = typer.Argument(..., help="recipe file, or the name of a shipped recipe (see `distill list`)"),
+    set_: list[str] = typer.Option([], "--set", help="override a key, e.g. --set method.temperature=2"),
+    out: Path = typer.Option(Path("runs"), "--out", help="folder that receives the run folder"),
+    name: Optional[str] = typer.Option(None, help="run folder name (default: the recipe's name)"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its checkpoint"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run folder"),
+) -> None:
+    """Train a student from RECIPE and write a run folder."""
+    from distill.core.recipe import load_recipe
+    from distill.core.runner import run_recipe
+
+    try:
+        r = load_recipe(recipe, set_)
+        res = run_recipe(r, out=out, name=name, resume=resume, overwrite=overwrite)
+    except DistillError as err:
+        _fail(err)
+    out_console.print(_metrics_table(f"{r.name} -> {res.run_dir}", res.metrics))
+
+
+@app.command("list")
+def list_() -> None:
+    """Methods, tasks, architectures, shipped recipes and suites, one line each."""
+    from distill.bench.suite import shipped_suites
+    from distill.core.recipe import shipped_recipes
+    from distill.core.registry import ARCHS, METHODS, TASKS
+
+    for title, reg in (("methods", METHODS), ("tasks", TASKS), ("archs", ARCHS)):
+        out_console.print(f"[bold]{title}[/]")
+        for e in reg.entries():
+            out_console.print(f"  {e.name:<16} {e.description}", highlight=False, soft_wrap=True)
+    out_console.print("[bold]recipes[/]  " + " ".join(shipped_recipes()), highlight=False, soft_wrap=True)
+    out_console.print("[bold]suites[/]   " + " ".join(shipped_suites()), highlight=False)
+
+
+@app.command("eval")
+def eval_(run_dir: Path = typer.Argument(..., help="a finished run folder")) -> None:
+    """Evaluate a run folder's student on its task's test split again."""
+    import yaml
+
+    from distill.core.recipe import recipe_from_dict
+    from distill.core.runner import build_task, final_metrics, load_student, resolve_teacher
+
+    try:
+        path = run_dir / "recipe.yaml"
+        if not path.is_file():
+            raise DistillError(f"{run_dir} is not a run folder (no recipe.yaml)")
+        recipe = recipe_from_dict(yaml.safe_load(path.read_text()), base_dir=run_dir)
+        student = load_student(run_dir)
+        t_dir = resolve_teacher(recipe, run_dir.parent, progress=True) if recipe.teacher else None
+        teacher = load_student(t_dir) if t_dir else None
+        metrics = final_metrics(student, teacher, build_task(recipe))
+    except DistillError as err:
+        _fail(err)
+    out_console.print(_metrics_table(str(run_dir), metrics))
+
+
+def _bench(suite: str, seeds: Optional[int], out: Optional[Path], set_: list[str]) -> None:
+    from distill.bench.suite import run_suite
+
+    def on_run(label: str, seed: int, res) -> None:
+        m = res.metrics
+        out_console.print(
+            f"  [green]✓[/] {label:<14} seed {seed}  accuracy {100 * m['test/accuracy']:.2f} %  "
+            f"ECE {m['test/ece']:.4f}  ({m.get('time/train_s', 0):.1f} s)", highlight=False,
+        )
+
+    try:
+        _, folder = run_suite(suite, out=out, seeds=seeds, overrides=set_, on_run=on_run)
+    except DistillError as err:
+        _fail(err)
+    from rich.markdown import Markdown
+
+    out_console.print(Markdown((folder / "leaderboard.md").read_text().split("![")[0]))
+    out_console.print(f"leaderboard, CSV and plots in {folder}/")
+
+
+@app.command()
+def bench(
+    suite: str = typer.Argument(..., help="suite file or shipped suite name"),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="seeds per recipe (default: the suite's)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="default: runs/bench/<suite>"),
+    set_: list[str] = typer.Option([], "--set", help="override a key in every recipe"),
+) -> None:
+    """Run every recipe of SUITE over several seeds and write a leaderboard (Markdown, CSV, plots)."""
+    _bench(suite, seeds, out, set_)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out"),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1),
+) -> None:
+    """MNIST-1D: a teacher, then a much smaller student with ce, kd, dkd and kd + standardization."""
+    _bench("demo", seeds, out, [])
+
+
+def main() -> None:  # pragma: no cover
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,113 @@
+"""The `Distiller` base: one method = one module that owns student, teacher and helpers.
+
+It computes named losses for one batch and nothing else: the engine places devices, steps the
+optimizers, logs and checkpoints. State that must survive a resume (schedules, memories) lives in
+buffers, so it travels with ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from distill.core.registry import Params
+
+
+@dataclass
+class TaskInfo:
+    """What a method may need to know about the data.
+
+    ``train`` is the dataset the engine iterates (labeled first, then the unlabeled transfer set,
+    whose labels are -1); batch ``index`` values point into it. ``val`` is the validation split,
+    for methods that learn from held-out data (bilevel weights, calibration); never the test split.
+    """
+
+    num_classes: int
+    num_train: int
+    input_shape: tuple[int, ...]
+    num_labeled: int = 0
+    train: Any = None  # ArrayDataset
+    val: Any = None  # ArrayDataset | None
+
+
+@dataclass
+class Step:
+    """The result of one training step.
+
+    ``losses`` has one entry per parameter group the distiller declares; the engine sums them for
+    one backward pass, so each loss must detach what it does not mean to train (e.g. the peer
+    model's outputs in online distillation). ``metrics`` are logged as ``train/<name>``.
+    """
+
+    losses: dict[str, Tensor]
+    metrics: dict[str, Tensor | float] = field(default_factory=dict)
+
+
+class Distiller(nn.Module):
+    """Base class of every method.
+
+    Subclasses set ``needs_teacher`` and ``uses_unlabeled`` (whether the unlabeled transfer set is
+    part of its training data; such samples have label -1), and implement ``training_step``.
+    """
+
+    needs_teacher: ClassVar[bool] = True
+    uses_unlabeled: ClassVar[bool] = True
+    teacher_trainable: ClassVar[bool] = False
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, params: Params, info: TaskInfo) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        self.params = params
+        self.info = info
+        self.epoch = 0  # set by the engine before each epoch (also on resume)
+        if teacher is not None and not self.teacher_trainable:
+            teacher.eval().requires_grad_(False)
+
+    # --- what the engine calls -------------------------------------------------------------------
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """One optimizer per group; the keys match the keys of ``Step.losses``."""
+        return {"student": [p for p in self.student.parameters() if p.requires_grad]}
+
+    def training_step(self, batch: dict[str, Tensor]) -> Step:
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, Tensor]) -> Step:  # so DDP wrappers see the computation
+        return self.training_step(batch)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_optimizer_step(self) -> None:
+        """Called once per optimizer step (not per micro-batch, not in evaluation)."""
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        if self.teacher is not None and not self.teacher_trainable:
+            self.teacher.eval()  # a frozen teacher never uses batch statistics or dropout
+        return self
+
+    # --- helpers for subclasses ------------------------------------------------------------------
+    def teacher_logits(self, x: Tensor) -> Tensor:
+        """Frozen teacher forward under inference mode; cloned so autograd may save it."""
+        assert self.teacher is not None
+        if self.teacher_trainable:
+            return self.teacher(x)
+        with torch.inference_mode():
+            out = self.teacher(x)
+        return out.clone()
+
+    @staticmethod
+    def labeled(batch: dict[str, Tensor]) -> Tensor:
+        """Boolean mask of samples that carry a label (transfer-set samples have label -1)."""
+        return batch["y"] >= 0
+
+    def state_extra(self) -> dict[str, Any]:
+        """JSON-serialisable state that is not a tensor (checkpointed beside the weights)."""
+        return {}
+
+    def load_state_extra(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,237 @@
+"""The recipe: YAML validated by pydantic; each method, task and arch validates its own section.
+
+A recipe names a task, a student, a teacher (another recipe, trained once and cached, or a finished
+run folder), a method and training settings. Every error names the key it is about.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distill.core.registry import ARCHS, METHODS, TASKS, Params, Registry
+from distill.errors import MissingFileError, RecipeError, did_you_mean
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class EarlyStopping(Strict):
+    metric: str = "val/accuracy"
+    mode: Literal["max", "min"] = "max"
+    patience: int = Field(5, ge=1, description="evaluations without improvement before stopping")
+
+
+class GroupOverride(Strict):
+    lr: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(30, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["constant", "cosine", "step"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    milestones: list[int] = Field(default_factory=list, description="epochs, for schedule: step")
+    gamma: float = Field(0.1, gt=0)
+    sharpness: Literal["none", "sam"] = Field("none", description="sharpness-aware wrapper of the optimizer")
+    sam_rho: float = Field(0.05, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float | None = Field(None, gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    eval_every: int | Literal["epoch"] = "epoch"
+    log_every: int = Field(20, ge=1)
+    early_stopping: EarlyStopping | None = None
+    groups: dict[str, GroupOverride] = Field(default_factory=dict)
+    trackers: Literal["auto", "none", "tensorboard"] = "auto"
+    progress: bool = True
+
+
+class Component(Strict):
+    """A registered name plus its validated parameters."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class TeacherRef(Strict):
+    recipe: str | dict[str, Any] | None = None
+    run: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "TeacherRef":
+        if (self.recipe is None) == (self.run is None):
+            raise ValueError("give exactly one of 'recipe' (trained once, cached) or 'run' (a run folder)")
+        return self
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    seed: int = 0
+    task: Component
+    student: Component | None = None
+    teacher: TeacherRef | None = None
+    method: Component
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    base_dir: str = Field(".", exclude=True, description="folder that relative paths resolve against")
+
+    def resolved(self) -> dict[str, Any]:
+        """Every default filled in: what is written to recipe.yaml."""
+        return self.model_dump(mode="json", exclude={"base_dir"})
+
+    def fingerprint(self) -> str:
+        """Hash of the resolved recipe without its name: equal recipes train equal models."""
+        d = self.resolved()
+        d.pop("name")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    def path(self, p: str) -> Path:
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else Path(self.base_dir) / q
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+_SECTION_KEYS = {"task": "name", "method": "name", "student": "arch"}
+_REGISTRIES: dict[str, Registry] = {"task": TASKS, "method": METHODS, "student": ARCHS}
+
+
+def _format(err: ValidationError, prefix: str, model: type[BaseModel]) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"] if p not in ("params",))
+    key = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        last = str(e["loc"][-1])
+        fields = _fields_at(model, [str(p) for p in e["loc"][:-1] if p != "params"])
+        msg = f"unknown key{did_you_mean(last, fields)}"
+    return f"recipe key '{key}': {msg}"
+
+
+def _fields_at(model: type[BaseModel], path: list[str]) -> list[str]:
+    for p in path:
+        f = model.model_fields.get(p)
+        ann = getattr(f, "annotation", None)
+        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            return []
+        model = inner[0]
+    return list(model.model_fields)
+
+
+def _validate_component(section: str, raw: Any, registry: Registry) -> dict[str, Any]:
+    key = _SECTION_KEYS[section]
+    if isinstance(raw, str):
+        raw = {key: raw}
+    if not isinstance(raw, dict) or key not in raw:
+        raise RecipeError(f"recipe key '{section}': expected a mapping with '{key}'")
+    raw = dict(raw)
+    name = raw.pop(key)
+    entry = registry.get(str(name))
+    try:
+        params = entry.params.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(_format(err, section, entry.params)) from None
+    return {"name": entry.name, "params": params.model_dump(mode="json")}
+
+
+def params_of(component: Component, registry: Registry) -> Params:
+    """The typed parameter model of a validated component."""
+    return registry.get(component.name).params.model_validate(component.params)
+
+
+def method_params(recipe: Recipe) -> Params:
+    return params_of(recipe.method, METHODS)
+
+
+def recipe_from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe must be a YAML mapping")
+    data = copy.deepcopy(data)
+    for section, registry in _REGISTRIES.items():
+        if data.get(section) is not None:
+            comp = data[section]
+            # accept both the flat form {name: kd, temperature: 2} and the resolved {name, params}
+            if isinstance(comp, dict) and set(comp) <= {"name", "params"} and "params" in comp:
+                comp = {_SECTION_KEYS[section]: comp["name"], **comp["params"]}
+            data[section] = _validate_component(section, comp, registry)
+    for required in ("name", "task", "method"):
+        if required not in data:
+            raise RecipeError(f"recipe key '{required}' is missing")
+    data["base_dir"] = str(base_dir)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format(err, "", Recipe)) from None
+
+
+def shipped_recipe(name: str) -> Path | None:
+    p = resources.files("distill") / "recipes" / f"{name}.yaml"
+    return Path(str(p)) if p.is_file() else None
+
+
+def shipped_recipes() -> list[str]:
+    folder = resources.files("distill") / "recipes"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def find_recipe(ref: str, base_dir: str | Path = ".") -> Path:
+    """A recipe path (relative to base_dir) or the name of a shipped recipe."""
+    p = Path(ref).expanduser()
+    if not p.is_absolute():
+        p = Path(base_dir) / p
+    if p.is_file():
+        return p
+    shipped = shipped_recipe(ref)
+    if shipped is not None:
+        return shipped
+    raise MissingFileError(
+        f"recipe '{ref}' not found (no such file, and no shipped recipe of that name"
+        f"{did_you_mean(ref, shipped_recipes())}); `distill list` shows the shipped recipes"
+    )
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise RecipeError(f"--set '{item}': expected key=value, e.g. method.temperature=2")
+    key, value = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for k in path[:-1]:
+            if isinstance(node.get(k), str) and k in _SECTION_KEYS:  # 'method: kd' shorthand
+                node[k] = {_SECTION_KEYS[k]: node[k]}
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set '{item}': '{k}' is not a mapping")
+        node[path[-1]] = value
+    return data
+
+
+def load_recipe(ref: str | Path, overrides: list[str] | None = None, base_dir: str | Path = ".") -> Recipe:
+    path = find_recipe(str(ref), base_dir)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe {path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path}: must be a YAML mapping")
+    return recipe_from_dict(apply_overrides(data, overrides or []), base_dir=path.parent)

@@ -1,0 +1,321 @@
+"""The engine: one training loop for every method, on HF Accelerate.
+
+It places the distiller on the device(s), builds one optimizer (and schedule) per parameter group
+the distiller declares, runs gradient accumulation and mixed precision, evaluates, stops early,
+checkpoints (weights, optimizers, schedules, RNG, method state) and resumes exactly. A SIGINT ends
+the current step, writes a checkpoint and raises ``Interrupted``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from torch import Tensor, nn
+from torch.utils.data import Dataset, default_collate
+
+from distill.core import checkpoint as ckpt
+from distill.core.distiller import Distiller
+from distill.core.recipe import TrainConfig
+from distill.core.sharpness import SAM
+from distill.errors import Interrupted, NaNLossError, RecipeError
+
+EvalFn = Callable[[nn.Module], dict[str, float]]
+
+
+def make_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float, momentum: float):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+class LRFactor:
+    """Multiplier of the base learning rate at an optimizer step: warm-up, then the schedule."""
+
+    def __init__(self, cfg: TrainConfig, total_steps: int, steps_per_epoch: int) -> None:
+        self.kind, self.warmup = cfg.schedule, cfg.warmup_steps
+        self.total, self.spe = total_steps, steps_per_epoch
+        self.milestones, self.gamma = list(cfg.milestones), cfg.gamma
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind == "cosine":
+            progress = (step - self.warmup) / max(1, self.total - self.warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if self.kind == "step":
+            return self.gamma ** sum(step >= m * self.spe for m in self.milestones)
+        return 1.0
+
+
+class EpochBatches:
+    """Deterministic micro-batches: epoch e's order depends only on (seed, e), so a resume can
+    jump to any step without replaying data. With several processes, batch b goes to process
+    b mod P (every process gets the same number)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.bs, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.per_epoch = math.ceil(n / batch_size) // world if world > 1 else math.ceil(n / batch_size)
+        if self.per_epoch == 0:
+            raise RecipeError(f"train.batch_size {batch_size} leaves no batch for {world} processes on {n} samples")
+
+    def epoch(self, e: int) -> list[Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+        perm = torch.randperm(self.n, generator=g)
+        chunks = list(perm.split(self.bs))
+        return chunks[self.rank :: self.world][: self.per_epoch]
+
+
+def fetch(ds: Dataset, idx: Tensor) -> dict[str, Tensor]:
+    if hasattr(ds, "__getitems__"):
+        return ds.__getitems__(idx)
+    return default_collate([ds[int(i)] for i in idx])
+
+
+def make_sharpness(cfg: TrainConfig, params: list[nn.Parameter]) -> SAM | None:
+    if cfg.sharpness == "sam":
+        return SAM(params, cfg.sam_rho)
+    return None
+
+
+def new_accelerator(cfg: TrainConfig, run_dir: Path | None) -> Accelerator:
+    AcceleratorState._reset_state()  # several runs in one process may differ in precision
+    log_with = None
+    if run_dir is not None and cfg.trackers != "none":
+        try:
+            import tensorboard  # noqa: F401
+
+            log_with = "tensorboard"
+        except ImportError:
+            if cfg.trackers == "tensorboard":
+                raise RecipeError("train.trackers: tensorboard is not installed (pip install tensorboard)") from None
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        cpu=not torch.cuda.is_available(),
+        log_with=log_with,
+        project_dir=str(run_dir) if run_dir else None,
+    )
+
+
+class Trainer:
+    def __init__(
+        self,
+        distiller: Distiller,
+        train_set: Dataset,
+        cfg: TrainConfig,
+        seed: int = 0,
+        run_dir: Path | None = None,
+        evaluate: EvalFn | None = None,
+        accelerator: Accelerator | None = None,
+    ) -> None:
+        self.cfg, self.seed, self.run_dir, self.evaluate = cfg, seed, run_dir, evaluate
+        self.acc = accelerator or new_accelerator(cfg, run_dir)
+        self.train_set = train_set
+        groups = distiller.param_groups()
+        self.group_names = list(groups)
+        unknown = set(cfg.groups) - set(groups)
+        if unknown:
+            raise RecipeError(f"train.groups: unknown parameter group(s) {sorted(unknown)}; this method has {self.group_names}")
+        self.optimizers = []
+        for name, params in groups.items():
+            o = cfg.groups.get(name)
+            lr = o.lr if o and o.lr is not None else cfg.lr
+            wd = o.weight_decay if o and o.weight_decay is not None else cfg.weight_decay
+            self.optimizers.append(make_optimizer(cfg.optimizer, params, lr, wd, cfg.momentum))
+        self.batches = EpochBatches(len(train_set), cfg.batch_size, seed, self.acc.process_index, self.acc.num_processes)
+        self.steps_per_epoch = math.ceil(self.batches.per_epoch / cfg.grad_accum)
+        total = cfg.epochs * self.steps_per_epoch
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        factor = LRFactor(cfg, self.total_steps, self.steps_per_epoch)
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in self.optimizers]
+        self.distiller = distiller
+        self.sharpness = make_sharpness(cfg, [p for ps in groups.values() for p in ps])
+        prepared = self.acc.prepare(distiller, *self.optimizers)
+        self.model, self.optimizers = prepared[0], list(prepared[1:])
+        self.state: dict[str, Any] = {"step": 0, "history": [], "best": None, "bad_evals": 0, "done": False}
+        self._stop = False
+
+    # --- public ----------------------------------------------------------------------------------
+    @property
+    def ckpt_dir(self) -> Path | None:
+        return self.run_dir / "checkpoints" if self.run_dir else None
+
+    def fit(self, resume: bool = False, stop_at_step: int | None = None) -> dict[str, Any]:
+        """Train to the end (or to ``stop_at_step``, then checkpoint and raise ``Interrupted``)."""
+        if resume and self.ckpt_dir and ckpt.exists(self.ckpt_dir):
+            self.state = ckpt.load(self.ckpt_dir, self.distiller, self.optimizers, self.schedulers, self.acc.device)
+        if self.acc.log_with:
+            self.acc.init_trackers("tensorboard")
+        prev = self._install_sigint()
+        try:
+            with self._progress() as bar:
+                self._loop(bar, stop_at_step)
+        finally:
+            if prev is not None:
+                signal.signal(signal.SIGINT, prev)
+            if self.acc.log_with:
+                self.acc.end_training()
+        if self.state["best"] is not None and self.cfg.early_stopping and self.ckpt_dir:
+            ckpt.load_best(self.ckpt_dir, self.distiller.student)  # select on validation, never test
+        return self.state
+
+    # --- the loop --------------------------------------------------------------------------------
+    def _loop(self, bar: "_Bar", stop_at_step: int | None) -> None:
+        cfg, st = self.cfg, self.state
+        self.model.train()
+        t0, start = time.perf_counter(), st["step"]
+        while st["step"] < self.total_steps and not st["done"]:
+            epoch = st["step"] // self.steps_per_epoch
+            self.distiller.on_epoch_start(epoch)
+            micro = self.batches.epoch(epoch)
+            for k in range(st["step"] - epoch * self.steps_per_epoch, self.steps_per_epoch):
+                group = micro[k * cfg.grad_accum : (k + 1) * cfg.grad_accum]
+                log_now = (st["step"] + 1) % cfg.log_every == 0 or st["step"] + 1 == self.total_steps
+                metrics = self._step(group, log_now)
+                st["step"] += 1
+                if log_now:
+                    rate = (st["step"] - start) / max(time.perf_counter() - t0, 1e-9)
+                    lr = self.schedulers[0].get_last_lr()[0]
+                    self._log({"epoch": epoch, **{f"train/{n}": v for n, v in metrics.items()}, "train/lr": lr})
+                    bar.update(st["step"], metrics["loss"], rate)
+                end_of_epoch = st["step"] % self.steps_per_epoch == 0 or st["step"] >= self.total_steps
+                if end_of_epoch if cfg.eval_every == "epoch" else st["step"] % cfg.eval_every == 0:
+                    self._evaluate(epoch)
+                if self._stop or st["step"] == stop_at_step:
+                    self._checkpoint()
+                    raise Interrupted(f"interrupted at step {st['step']}/{self.total_steps}; checkpoint written")
+                if st["step"] >= self.total_steps or st["done"]:
+                    break
+        self._checkpoint()
+
+    def _step(self, group: list[Tensor], want_metrics: bool) -> dict[str, float]:
+        totals = self._grads(group, want_metrics)
+        if self.sharpness is not None:  # gradient again at the adversarial point, then step from w
+            self.sharpness.perturb()
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            self._grads(group, False)
+            self.sharpness.restore()
+        if self.cfg.grad_clip:
+            self.acc.clip_grad_norm_(self.distiller.parameters(), self.cfg.grad_clip)
+        for opt, sched in zip(self.optimizers, self.schedulers):
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        self.distiller.on_optimizer_step()
+        return totals
+
+    def _grads(self, group: list[Tensor], want_metrics: bool) -> dict[str, float]:
+        """Forward and backward over the micro-batches of one optimizer step."""
+        totals: dict[str, float] = {}
+        for j, idx in enumerate(group):
+            batch = {k: v.to(self.acc.device) for k, v in fetch(self.train_set, idx).items()}
+            sync = j == len(group) - 1
+            ctx = contextlib.nullcontext() if sync or self.acc.num_processes == 1 else self.acc.no_sync(self.model)
+            with ctx:
+                with self.acc.autocast():
+                    out = self.model(batch)
+                loss = sum(out.losses.values())
+                if not torch.isfinite(loss.detach()).item():
+                    self._nan(out.losses)
+                self.acc.backward(loss / len(group))
+            for name, v in ({"loss": loss, **out.losses, **out.metrics} if want_metrics else {}).items():
+                val = v.detach().float().mean().item() if isinstance(v, Tensor) else float(v)
+                totals[name] = totals.get(name, 0.0) + val / len(group)
+        return totals
+
+    def _nan(self, losses: dict[str, Tensor]) -> None:
+        bad = [k for k, v in losses.items() if not torch.isfinite(v.detach()).all()]
+        where = (
+            f"the last good checkpoint is kept in {self.ckpt_dir}"
+            if self.ckpt_dir and ckpt.exists(self.ckpt_dir)
+            else "no checkpoint had been written yet"
+        )
+        raise NaNLossError(
+            f"loss {bad or ['total']} became NaN/inf at step {self.state['step'] + 1}; training stopped and {where}. "
+            "Lower train.lr, set train.grad_clip, or check the data"
+        )
+
+    def _evaluate(self, epoch: int) -> None:
+        if self.evaluate is None:
+            return
+        metrics = self.evaluate(self.distiller.student)
+        self._log({"epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}})
+        es = self.cfg.early_stopping
+        if es is not None:
+            key = es.metric.removeprefix("val/")
+            if key not in metrics:
+                raise RecipeError(f"train.early_stopping.metric '{es.metric}' is not one of {['val/' + k for k in metrics]}")
+            value, best = metrics[key], self.state["best"]
+            better = best is None or (value > best if es.mode == "max" else value < best)
+            if better:
+                self.state["best"], self.state["bad_evals"] = value, 0
+                if self.ckpt_dir:
+                    ckpt.save_best(self.ckpt_dir, self.distiller.student)
+            else:
+                self.state["bad_evals"] += 1
+                self.state["done"] = self.state["bad_evals"] >= es.patience
+        self._checkpoint()
+
+    def _log(self, row: dict[str, Any]) -> None:
+        row = {"step": self.state["step"], **row}
+        self.state["history"].append(row)
+        if self.acc.log_with:
+            self.acc.log({k: v for k, v in row.items() if k not in ("step", "epoch")}, step=row["step"])
+
+    def _checkpoint(self) -> None:
+        if self.ckpt_dir and self.acc.is_main_process:
+            ckpt.save(self.ckpt_dir, self.distiller, self.optimizers, self.schedulers, self.state)
+
+    # --- plumbing --------------------------------------------------------------------------------
+    def _install_sigint(self):
+        def handler(signum, frame):  # finish the step, checkpoint, then stop
+            self._stop = True
+
+        try:
+            return signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread
+            return None
+
+    def _progress(self) -> "_Bar":
+        return _Bar(self.total_steps, self.state["step"], enabled=self.cfg.progress and self.acc.is_main_process)
+
+
+class _Bar:
+    """A rich progress bar with loss and throughput; a no-op when disabled."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.enabled, self.total, self.start = enabled, total, start
+        self.progress = None
+
+    def __enter__(self) -> "_Bar":
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.1f} steps/s"),
+                TimeRemainingColumn(), transient=True,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=self.total, completed=self.start, loss=float("nan"), rate=0.0)
+        return self
+
+    def update(self, step: int, loss: float, rate: float) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, loss=loss, rate=rate)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
