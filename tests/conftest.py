@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 2 cores, as CI
 
 TINY = {
     "task": {"name": "mnist1d", "num_train": 256, "num_val": 64, "num_test": 128, "num_transfer": 256},
