@@ -196,18 +196,22 @@ def plot_leaderboard(path: Path, rows: list[Row], teacher: dict[str, float]) -> 
 
 
 def plot_curves(path: Path, rows: list[Row]) -> None:
-    """Validation accuracy against training progress (fraction of the run), mean over seeds."""
+    """Validation accuracy and fidelity to the teacher (top-1 agreement, S42) against training
+    progress (fraction of the run), mean over seeds."""
     plt = report.pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for row in rows:
-        curves = [report.series(r.history, "val/accuracy") for r in row.runs if r.history]
-        if not curves:
-            continue
-        n = min(len(c[1]) for c in curves)
-        xs = [x / curves[0][0][n - 1] for x in curves[0][0][:n]]
-        ys = [statistics.fmean(c[1][i] for c in curves) for i in range(n)]
-        ax.plot(xs, ys, label=row.label)
-    ax.set_xlabel("fraction of training"), ax.set_ylabel("validation accuracy"), ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in zip(axes, ("val/accuracy", "val/agreement")):
+        for row in rows:
+            curves = [report.series(r.history, key) for r in row.runs if r.history]
+            curves = [c for c in curves if c[0]]
+            if not curves:
+                continue
+            n = min(len(c[1]) for c in curves)
+            xs = [x / curves[0][0][n - 1] for x in curves[0][0][:n]]
+            ax.plot(xs, [statistics.fmean(c[1][i] for c in curves) for i in range(n)], label=row.label)
+        ax.set_xlabel("fraction of training"), ax.set_title(key.replace("val/", "validation "))
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

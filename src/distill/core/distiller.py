@@ -64,6 +64,7 @@ class Distiller(nn.Module):
         self.params = params
         self.info = info
         self.epoch = 0  # set by the engine before each epoch (also on resume)
+        self._teacher_cache: Tensor | None = None
         if teacher is not None and not self.teacher_trainable:
             teacher.eval().requires_grad_(False)
 
@@ -91,14 +92,33 @@ class Distiller(nn.Module):
         return self
 
     # --- helpers for subclasses ------------------------------------------------------------------
-    def teacher_logits(self, x: Tensor) -> Tensor:
-        """Frozen teacher forward under inference mode; cloned so autograd may save it."""
+    def teacher_logits(self, x: Tensor, index: Tensor | None = None) -> Tensor:
+        """Frozen teacher forward under inference mode; cloned so autograd may save it.
+
+        Pass ``index`` (the batch's dataset indices) only when ``x`` is the un-augmented batch: then
+        the engine's precomputed teacher logits are used when available (``train.cache_teacher``).
+        """
         assert self.teacher is not None
         if self.teacher_trainable:
             return self.teacher(x)
+        if index is not None and self._teacher_cache is not None:
+            return self._teacher_cache[index.to(self._teacher_cache.device)]
         with torch.inference_mode():
             out = self.teacher(x)
         return out.clone()
+
+    def cache_teacher(self, x: Tensor, batch_size: int = 1024) -> None:
+        """Precompute a frozen teacher's logits for every training input ``x`` (``[n, ...]``).
+
+        The teacher is deterministic (eval mode, frozen), so this equals calling it per batch and
+        removes its forward pass from every step. Not checkpointed: recomputed on resume.
+        """
+        if self.teacher is None or self.teacher_trainable:
+            return
+        device = next(self.teacher.parameters()).device
+        with torch.inference_mode():
+            out = torch.cat([self.teacher(x[i : i + batch_size].to(device)) for i in range(0, len(x), batch_size)])
+        self._teacher_cache = out.clone()
 
     @staticmethod
     def labeled(batch: dict[str, Tensor]) -> Tensor:

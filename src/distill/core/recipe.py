@@ -56,6 +56,7 @@ class TrainConfig(Strict):
     log_every: int = Field(20, ge=1)
     early_stopping: EarlyStopping | None = None
     groups: dict[str, GroupOverride] = Field(default_factory=dict)
+    cache_teacher: bool = Field(True, description="precompute a frozen teacher's logits on the training set once")
     trackers: Literal["auto", "none", "tensorboard"] = "auto"
     progress: bool = True
 

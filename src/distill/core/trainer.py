@@ -142,6 +142,8 @@ class Trainer:
         self.sharpness = make_sharpness(cfg, [p for ps in groups.values() for p in ps])
         prepared = self.acc.prepare(distiller, *self.optimizers)
         self.model, self.optimizers = prepared[0], list(prepared[1:])
+        if cfg.cache_teacher and isinstance(getattr(train_set, "x", None), Tensor):
+            distiller.cache_teacher(train_set.x)
         self.state: dict[str, Any] = {"step": 0, "history": [], "best": None, "bad_evals": 0, "done": False}
         self._stop = False
 

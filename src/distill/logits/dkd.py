@@ -34,7 +34,7 @@ class DecoupledKD(Distiller):
     def training_step(self, batch: dict[str, Tensor]) -> Step:
         p = self.params
         s = self.student(batch["x"])
-        t = self.teacher_logits(batch["x"])
+        t = self.teacher_logits(batch["x"], batch["index"])
         ce = labeled_ce(s, batch)
         warm = min((self.epoch + 1) / p.warmup_epochs, 1.0) if p.warmup_epochs else 1.0
         dkd = dkd_loss(s, t, targets_or_teacher(batch, t), p.alpha, p.beta, p.temperature, p.standardize)

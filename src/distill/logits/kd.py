@@ -40,7 +40,7 @@ class HintonKD(Distiller):
 
     def training_step(self, batch: dict[str, Tensor]) -> Step:
         s = self.student(batch["x"])
-        t = self.teacher_logits(batch["x"])
+        t = self.teacher_logits(batch["x"], batch["index"])
         ce = labeled_ce(s, batch)
         kd = kd_loss(s, t, self.params.temperature, self.params.standardize)
         loss = self.params.ce_weight * ce + self.params.kd_weight * kd
