@@ -28,7 +28,7 @@ def write(path: Path, data: dict) -> Path:
 def kd_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     write(d / "teacher.yaml", tiny_teacher())
-    write(d / "kd.yaml", tiny_recipe("kd", {"name": "kd", "standardize": True}, {"recipe": "teacher.yaml"}))
+    write(d / "kd.yaml", tiny_recipe("kd", {"name": "kd", "standardize": True}, {"recipe": "teacher.yaml"}, trackers="auto"))
     p = cli("run", "kd.yaml", "--set", "method.temperature=2", "--out", "runs", cwd=d)
     return d, p
 
@@ -39,6 +39,7 @@ def test_run_writes_every_file(kd_run):
     run = d / "runs" / "kd"
     for f in RUN_FILES:
         assert (run / f).is_file(), f
+    assert any((run / "tensorboard").rglob("events.out.tfevents*"))  # tensorboard is a test dependency
     metrics = json.loads((run / "metrics.json").read_text())
     for k in ("test/accuracy", "test/nll", "test/ece", "test/agreement", "test/kl_to_teacher", "teacher/accuracy"):
         assert k in metrics
@@ -139,3 +140,27 @@ def test_bench_tiny_suite(tmp_path):
     assert "| kd-T2 |" in md and "±" in md
     assert len(list((tmp_path / "b" / "_teachers").iterdir())) == 1
     assert {p.name for p in (tmp_path / "b").iterdir()} >= {"ce-s0", "ce-s1", "kd-T2-s0", "kd-T2-s1"}
+
+
+def test_sigint_checkpoints_then_resume_finishes(tmp_path):
+    import signal
+    import time
+
+    write(tmp_path / "long.yaml", tiny_recipe("long", {"name": "ce"}, epochs=400, progress=True))
+    proc = subprocess.Popen([sys.executable, "-m", "distill.cli", "run", "long.yaml", "--out", "runs"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "runs" / "long.partial" / "checkpoints" / "latest"
+    for _ in range(600):
+        if ckpt.is_dir():
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in err and "--resume" in err and "Traceback" not in err
+    assert ckpt.is_dir() and not (tmp_path / "runs" / "long").exists()
+    state = json.loads((ckpt / "state.json").read_text())["trainer"]
+    assert 0 < state["step"] < 400 * 4
+    p = cli("run", "long.yaml", "--out", "runs", "--resume", "--set", "train.epochs=400", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "runs" / "long" / "metrics.json").is_file()

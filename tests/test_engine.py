@@ -98,3 +98,21 @@ def test_teacher_cache_equals_live_teacher(tmp_runs):
     wa, wb = _weights(a.run_dir), _weights(b.run_dir)
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+
+
+def test_lr_factor_warmup_cosine_and_step():
+    from distill.core.recipe import TrainConfig
+    from distill.core.trainer import LRFactor
+
+    f = LRFactor(TrainConfig(schedule="cosine", warmup_steps=2), total_steps=10, steps_per_epoch=5)
+    assert [f(0), f(1)] == [0.5, 1.0]
+    assert f(2) == 1.0 and abs(f(6) - 0.5) < 1e-9 and f(10) == 0.0
+    g = LRFactor(TrainConfig(schedule="step", milestones=[1, 2], gamma=0.1), total_steps=15, steps_per_epoch=5)
+    assert [g(4), g(5), g(10)] == [1.0, 0.1, pytest.approx(0.01)]
+
+
+def test_bf16_mixed_precision_and_step_evaluation(tmp_runs):
+    data = tiny_recipe("bf16", {"name": "kd"}, {"recipe": tiny_teacher()}, mixed_precision="bf16", eval_every=3)
+    res = run_recipe(recipe_from_dict(data), out=tmp_runs)
+    evals = [r["step"] for r in res.history if "val/accuracy" in r]
+    assert evals == [3, 6, 9, 12, 15] and 0 <= res.metrics["test/accuracy"] <= 1

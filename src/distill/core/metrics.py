@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.logits.losses import kl_rows
+from distill.core.functional import kl_rows
 
 
 def accuracy(logits: Tensor, y: Tensor) -> float:

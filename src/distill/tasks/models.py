@@ -27,6 +27,13 @@ class Classifier(nn.Module):
         return self.head(self.body(x))
 
 
+class AddChannel(nn.Module):
+    """``[batch, *spatial] -> [batch, 1, *spatial]`` for single-channel inputs."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.unsqueeze(1)
+
+
 class MLPParams(Params):
     width: int = Field(256, ge=1)
     depth: int = Field(2, ge=1, description="hidden layers")
@@ -51,7 +58,7 @@ class CNNParams(Params):
 def cnn1d(p: CNNParams, input_shape: tuple[int, ...], num_classes: int) -> Classifier:
     length = input_shape[-1]
     in_ch = 1 if len(input_shape) == 1 else input_shape[0]
-    layers: list[nn.Module] = [nn.Unflatten(1, (1, length))] if len(input_shape) == 1 else []
+    layers: list[nn.Module] = [AddChannel()] if len(input_shape) == 1 else []
     c = in_ch
     for i in range(p.depth):
         layers += [nn.Conv1d(c, p.width, 5 if i == 0 else 3, stride=2, padding=2 if i == 0 else 1), nn.ReLU()]
@@ -65,7 +72,7 @@ def cnn1d(p: CNNParams, input_shape: tuple[int, ...], num_classes: int) -> Class
 def cnn2d(p: CNNParams, input_shape: tuple[int, ...], num_classes: int) -> Classifier:
     layers: list[nn.Module] = []
     if len(input_shape) == 2:
-        layers.append(nn.Unflatten(1, (1, *input_shape)))
+        layers.append(AddChannel())
         c, h, w = 1, *input_shape
     else:
         c, h, w = input_shape
