@@ -65,6 +65,8 @@ class Distiller(nn.Module):
         self.info = info
         self.epoch = 0  # set by the engine before each epoch (also on resume)
         self._teacher_cache: Tensor | None = None
+        self.total_steps = self.total_epochs = 0  # set by on_train_start
+        self.replaying = False  # True while the engine re-runs a step's batches (SAM's second pass)
         if teacher is not None and not self.teacher_trainable:
             teacher.eval().requires_grad_(False)
 
@@ -78,6 +80,10 @@ class Distiller(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> Step:  # so DDP wrappers see the computation
         return self.training_step(batch)
+
+    def on_train_start(self, total_steps: int, total_epochs: int) -> None:
+        """Called by the engine before training (and on resume) with the run's length."""
+        self.total_steps, self.total_epochs = total_steps, total_epochs
 
     def on_epoch_start(self, epoch: int) -> None:
         self.epoch = epoch

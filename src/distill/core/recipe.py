@@ -47,8 +47,11 @@ class TrainConfig(Strict):
     warmup_steps: int = Field(0, ge=0)
     milestones: list[int] = Field(default_factory=list, description="epochs, for schedule: step")
     gamma: float = Field(0.1, gt=0)
-    sharpness: Literal["none", "sam"] = Field("none", description="sharpness-aware wrapper of the optimizer")
+    sharpness: Literal["none", "sam", "tram"] = Field("none", description="sharpness-aware wrapper of the optimizer")
     sam_rho: float = Field(0.05, gt=0)
+    tram_noise: float = Field(0.1, gt=0, description="TRAM-x input-noise scale (std, or half-width for uniform)")
+    tram_noise_type: Literal["normal", "uniform"] = "normal"
+    tram_scale: float = Field(1.0, gt=0, description="TRAM radius = tram_scale · KL(f(x+z) ‖ f(x))")
     grad_accum: int = Field(1, ge=1)
     grad_clip: float | None = Field(None, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"

@@ -247,8 +247,12 @@ def final_metrics(student: nn.Module, teacher: nn.Module | None, data: TaskData)
     metrics = {f"test/{k}": v for k, v in classifier_metrics(predict(student, data.test.x), data.test.y, t_logits).items()}
     if data.val is not None:
         metrics.update({f"val/{k}": v for k, v in evaluator(data.val, teacher)(student).items()})
+    if data.extra_metrics is not None:
+        metrics.update({f"test/{k}": v for k, v in data.extra_metrics(student).items()})
     if t_logits is not None:
         metrics.update({f"teacher/{k}": v for k, v in classifier_metrics(t_logits, data.test.y).items()})
+        if data.extra_metrics is not None:
+            metrics.update({f"teacher/{k}": v for k, v in data.extra_metrics(teacher).items()})
     metrics["params/student"] = sum(p.numel() for p in student.parameters())
     if teacher is not None:
         metrics["params/teacher"] = sum(p.numel() for p in teacher.parameters())

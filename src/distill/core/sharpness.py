@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from distill.core.functional import kl_rows
+
 
 class SAM:
     """SAM (Foret et al. 2021, Eq. 2): ``ε = ρ · g / ‖g‖₂``; the update uses ∇L(w + ε)."""
@@ -40,3 +42,59 @@ class SAM:
             if e is not None:
                 p.sub_(e)
         self._eps = []
+
+
+class TRAM(SAM):
+    """TRAM-x (Sherborne et al. 2024, S02): SAM whose radius is a trust-region estimate in function
+    space, ``ρ_t = scale · KL(f(x + z) ‖ f(x))`` with input noise ``z`` (normal: ``N(0, noise²)``,
+    uniform: ``U(−noise, noise)``), then ``ε = ρ_t · g / ‖g‖₂`` as SAM (official
+    tomsherborne/tram_optimizer: ``InputPerturbationTarget``, ``kl.py``, ``TRAM.first_step``).
+
+    The divergence needs the model's outputs on the current batch: TRAM holds the distiller,
+    records each micro-batch it is called on before ``perturb`` (a forward pre-hook), and in
+    ``perturb`` runs the student on them again, with and without noise (no gradient), averaging the
+    KL over the micro-batches of the step. Deviations from the official code: the KL is summed
+    over classes and averaged over the batch (the official ``F.kl_div(reduction="mean") / batch``
+    equals ours times ``1 / (classes · batch)``; ``scale`` reproduces it); the noise is added to
+    the inputs (the official code noises token embeddings; our tasks have no embedding layer);
+    ``ε`` follows the gradient direction (the official ``first_step`` multiplies the radius by a
+    tensor of ones instead of ``p.grad``, which we read as a bug, since the paper perturbs along
+    the SAM direction). The student's extra forward passes are not in the training graph; they run
+    in the student's current (training) mode, as the official code's.
+    """
+
+    def __init__(self, params: list[nn.Parameter], distiller: nn.Module, noise: float = 0.1,
+                 noise_type: str = "normal", scale: float = 1.0) -> None:
+        super().__init__(params, rho=0.0)
+        self.student, self.noise, self.noise_type, self.scale = distiller.student, noise, noise_type, scale
+        self._inputs: list[torch.Tensor] = []
+        self._perturbed = False
+        distiller.register_forward_pre_hook(self._record)
+        self.last_radius = 0.0
+
+    def _record(self, module: nn.Module, args: tuple) -> None:
+        if not self._perturbed and args and isinstance(args[0], dict):
+            self._inputs.append(args[0]["x"])
+
+    def _noise_like(self, x: torch.Tensor) -> torch.Tensor:
+        if self.noise_type == "normal":
+            return torch.randn_like(x) * self.noise
+        return (torch.rand_like(x) * 2 - 1) * self.noise
+
+    @torch.no_grad()
+    def radius(self) -> float:
+        kls = []
+        for x in self._inputs:
+            log_clean = torch.log_softmax(self.student(x).float(), dim=-1)
+            log_noisy = torch.log_softmax(self.student(x + self._noise_like(x)).float(), dim=-1)
+            kls.append(kl_rows(log_noisy, log_clean).mean())
+        self.last_radius = self.scale * torch.stack(kls).mean().item() if kls else 0.0
+        return self.last_radius
+
+    def perturb(self) -> None:
+        super().perturb()
+        self._inputs, self._perturbed = [], True  # the second pass (at w + ε) is not recorded
+
+    def restore(self) -> None:
+        super().restore()
+        self._perturbed = False

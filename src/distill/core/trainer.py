@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, default_collate
 from distill.core import checkpoint as ckpt
 from distill.core.distiller import Distiller
 from distill.core.recipe import TrainConfig
-from distill.core.sharpness import SAM
+from distill.core.sharpness import SAM, TRAM
 from distill.errors import Interrupted, NaNLossError, RecipeError
 
 EvalFn = Callable[[nn.Module], dict[str, float]]
@@ -82,9 +82,13 @@ def fetch(ds: Dataset, idx: Tensor) -> dict[str, Tensor]:
     return default_collate([ds[int(i)] for i in idx])
 
 
-def make_sharpness(cfg: TrainConfig, params: list[nn.Parameter]) -> SAM | None:
+def make_sharpness(cfg: TrainConfig, params: list[nn.Parameter], distiller: Distiller | None = None) -> SAM | None:
     if cfg.sharpness == "sam":
         return SAM(params, cfg.sam_rho)
+    if cfg.sharpness == "tram":  # TRAM's radius needs the student's outputs on the step's batches
+        if distiller is None:
+            raise RecipeError("train.sharpness: tram needs the distiller (pass it to make_sharpness)")
+        return TRAM(params, distiller, cfg.tram_noise, cfg.tram_noise_type, cfg.tram_scale)
     return None
 
 
@@ -139,9 +143,10 @@ class Trainer:
         factor = LRFactor(cfg, self.total_steps, self.steps_per_epoch)
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in self.optimizers]
         self.distiller = distiller
-        self.sharpness = make_sharpness(cfg, [p for ps in groups.values() for p in ps])
+        self.sharpness = make_sharpness(cfg, [p for ps in groups.values() for p in ps], distiller)
         prepared = self.acc.prepare(distiller, *self.optimizers)
         self.model, self.optimizers = prepared[0], list(prepared[1:])
+        distiller.on_train_start(self.total_steps, math.ceil(self.total_steps / self.steps_per_epoch))
         if cfg.cache_teacher and isinstance(getattr(train_set, "x", None), Tensor):
             distiller.cache_teacher(train_set.x)
         self.state: dict[str, Any] = {"step": 0, "history": [], "best": None, "bad_evals": 0, "done": False}
@@ -206,7 +211,9 @@ class Trainer:
             self.sharpness.perturb()
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=True)
+            self.distiller.replaying = True  # methods must not record state twice
             self._grads(group, False)
+            self.distiller.replaying = False
             self.sharpness.restore()
         if self.cfg.grad_clip:
             self.acc.clip_grad_norm_(self.distiller.parameters(), self.cfg.grad_clip)

@@ -150,9 +150,11 @@ def taid_loss(student_logits: Tensor, teacher_logits: Tensor, t: float | Tensor,
     return soft_cross_entropy(s, target, reduction)
 
 
-def first_targets(teacher_logits: Tensor, top_k: int = 5, calibration_temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """FIRST's calibrated "concentrated knowledge" (S03, Shum et al. 2024, §4; official
-    SHUMKASHUN/FIRST ``distill.py``, ``use_norm="softmax"``): the teacher's top-k probabilities
+def first_targets(
+    teacher_logits: Tensor, top_k: int = 5, calibration_temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """FIRST's calibrated "concentrated knowledge" (S03, Shum et al. 2024, trustworthy maximization;
+    official SHUMKASHUN/FIRST ``distill.py``, ``use_norm="softmax"``): the teacher's top-k probabilities
     ``p = topk(softmax(t))`` re-normalised by a softmax at the calibration temperature,
     ``softmax(p / calibration_temperature)`` (the softmax acts on probabilities, not logits, as the
     official code's ``normalization``). The tail beyond the top k is dropped. Returns the target
@@ -181,7 +183,9 @@ def first_loss(
     return _reduce(kl_rows(target.log(), log_q_s), reduction)
 
 
-def ferkd_regions(teacher_logits: Tensor, target: Tensor, discard_below: float = 0.1, soft_above: float = 0.5) -> Tensor:
+def ferkd_regions(
+    teacher_logits: Tensor, target: Tensor, discard_below: float = 0.1, soft_above: float = 0.5
+) -> Tensor:
     """FerKD's regions of augmented views (S13, "hard regions mining"), from the teacher's
     probability of the target class ``c = softmax(t)_y`` (temperature 1): 0 = hard negative
     (``c < discard_below``: dropped), 1 = hard positive (``discard_below ≤ c < soft_above``: a

@@ -7,6 +7,7 @@ memories such as PS-KD's are keyed by).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,8 @@ class TaskData:
     val: ArrayDataset | None = None
     transfer: ArrayDataset | None = None  # unlabeled; used by methods with uses_unlabeled
     meta: dict = field(default_factory=dict)
+    # task-specific metrics of a model (canary exposure, attack success), reported as test/<name>
+    extra_metrics: Callable[[torch.nn.Module], dict[str, float]] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
