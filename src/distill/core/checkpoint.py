@@ -88,7 +88,7 @@ def load(folder: Path, distiller: Distiller, optimizers: list, schedulers: list,
         s.load_state_dict(sd)
     torch.set_rng_state(blob["torch_rng"].cpu())
     if blob["cuda_rng"]:
-        torch.cuda.set_rng_state_all(blob["cuda_rng"])
+        torch.cuda.set_rng_state_all([r.cpu() for r in blob["cuda_rng"]])  # map_location moved them
     meta = json.loads((src / "state.json").read_text())
     _set_rng_state(meta["rng"])
     distiller.load_state_extra(meta["method"])

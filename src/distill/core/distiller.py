@@ -131,6 +131,11 @@ class Distiller(nn.Module):
         """Boolean mask of samples that carry a label (transfer-set samples have label -1)."""
         return batch["y"] >= 0
 
+    def export_spec(self, spec: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The registered arch (``{"name", "params"}``) that rebuilds ``self.student`` for saving;
+        methods that reshape the student (e.g. a wider head) return their own."""
+        return spec
+
     def state_extra(self) -> dict[str, Any]:
         """JSON-serialisable state that is not a tensor (checkpointed beside the weights)."""
         return {}

@@ -234,7 +234,7 @@ def run_recipe(
     metrics["time/train_s"] = train_s  # this session's share when resumed
     (partial / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _write_history(partial, state["history"])
-    save_student(partial / "student", distiller.student, spec, data.input_shape, data.num_classes)
+    save_student(partial / "student", distiller.student, distiller.export_spec(spec), data.input_shape, data.num_classes)
     report.write_run_report(partial, resolved, metrics, state["history"])
     if final.exists():
         shutil.rmtree(final)
