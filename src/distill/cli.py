@@ -104,13 +104,24 @@ def _bench(suite: str, seeds: Optional[int], out: Optional[Path], set_: list[str
         )
 
     try:
-        _, folder = run_suite(suite, out=out, seeds=seeds, overrides=set_, on_run=on_run)
+        rows, folder = run_suite(suite, out=out, seeds=seeds, overrides=set_, on_run=on_run)
     except DistillError as err:
         _fail(err)
-    from rich.markdown import Markdown
+    from distill.bench.suite import cell, columns, teacher_metrics
 
-    out_console.print(Markdown((folder / "leaderboard.md").read_text().split("![")[0]))
-    out_console.print(f"leaderboard, CSV and plots in {folder}/")
+    table = Table(title=f"leaderboard ({len(rows[0].runs)} seeds, mean ± std, test split)")
+    table.add_column("method", no_wrap=True)
+    cols = columns(rows)
+    for _, title, _ in cols:
+        table.add_column(title, justify="right", no_wrap=True)
+    for row in rows:
+        table.add_row(row.label, *(cell(row, key) for key, _, _ in cols))
+    wide = Console(width=max(out_console.width, 130))
+    wide.print(table)
+    t = teacher_metrics(rows)
+    if t:
+        wide.print(f"teacher: accuracy {100 * t['accuracy']:.2f} %, ECE {t['ece']:.4f}", highlight=False)
+    wide.print(f"leaderboard.md, leaderboard.csv and plots in {folder}/", highlight=False)
 
 
 @app.command()

@@ -37,6 +37,12 @@ COLUMNS = [
     ("test/kl_to_teacher", "KL(T‖S)", False),
     ("time/train_s", "time (s)", False),
 ]
+EXTRA = [("test/canary_exposure", "canary exposure", False), ("test/attack_success_rate", "attack success", False)]
+
+
+def columns(rows: list["Row"]) -> list[tuple[str, str, bool]]:
+    """The standard columns plus task-specific metrics that some run reports."""
+    return COLUMNS + [c for c in EXTRA if any(c[0] in r.metrics for row in rows for r in row.runs)]
 
 
 class Entry(Strict):
@@ -118,7 +124,7 @@ def run_suite(
     return rows, out
 
 
-def _cell(row: Row, key: str) -> str:
+def cell(row: Row, key: str) -> str:
     s = row.stat(key)
     if s is None:
         return "–"
@@ -137,7 +143,8 @@ def teacher_metrics(rows: list[Row]) -> dict[str, float]:
 
 
 def leaderboard_markdown(suite: Suite, rows: list[Row], n_seeds: int) -> str:
-    head = "| method | " + " | ".join(c[1] for c in COLUMNS) + " |"
+    cols = columns(rows)
+    head = "| method | " + " | ".join(c[1] for c in cols) + " |"
     lines = [
         f"# Leaderboard: {suite.name}",
         "",
@@ -147,10 +154,10 @@ def leaderboard_markdown(suite: Suite, rows: list[Row], n_seeds: int) -> str:
         "Accuracy in %.",
         "",
         head,
-        "|" + "---|" * (len(COLUMNS) + 1),
+        "|" + "---|" * (len(cols) + 1),
     ]
     for row in rows:
-        lines.append(f"| {row.label} | " + " | ".join(_cell(row, c[0]) for c in COLUMNS) + " |")
+        lines.append(f"| {row.label} | " + " | ".join(cell(row, c[0]) for c in cols) + " |")
     t = teacher_metrics(rows)
     if t:
         lines += ["", f"Teacher: accuracy {100 * t['accuracy']:.2f} %, ECE {t['ece']:.4f}, NLL {t['nll']:.4f}."]
@@ -163,10 +170,11 @@ def write_leaderboard(out: Path, suite: Suite, rows: list[Row], n_seeds: int) ->
     (out / "leaderboard.md").write_text(leaderboard_markdown(suite, rows, n_seeds))
     with open(out / "leaderboard.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "seeds"] + [f"{c[0]}_{s}" for c in COLUMNS for s in ("mean", "std")])
+        cols = columns(rows)
+        w.writerow(["method", "seeds"] + [f"{c[0]}_{s}" for c in cols for s in ("mean", "std")])
         for row in rows:
             cells: list[Any] = [row.label, len(row.runs)]
-            for c in COLUMNS:
+            for c in cols:
                 s = row.stat(c[0])
                 cells += list(s) if s else ["", ""]
             w.writerow(cells)
@@ -201,14 +209,15 @@ def plot_curves(path: Path, rows: list[Row]) -> None:
     plt = report.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key in zip(axes, ("val/accuracy", "val/agreement")):
-        for row in rows:
+        for i, row in enumerate(rows):
             curves = [report.series(r.history, key) for r in row.runs if r.history]
             curves = [c for c in curves if c[0]]
             if not curves:
                 continue
             n = min(len(c[1]) for c in curves)
             xs = [x / curves[0][0][n - 1] for x in curves[0][0][:n]]
-            ax.plot(xs, [statistics.fmean(c[1][i] for c in curves) for i in range(n)], label=row.label)
+            ys = [statistics.fmean(c[1][j] for c in curves) for j in range(n)]
+            ax.plot(xs, ys, label=row.label, color=f"C{i % 10}")  # one colour per method in both panels
         ax.set_xlabel("fraction of training"), ax.set_title(key.replace("val/", "validation "))
         if ax.lines:
             ax.legend(fontsize=8)
