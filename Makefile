@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/distill demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check --select F,E9 src tests benchmarks
 	$(PY) -m pytest
 
 test-fast: $(STAMP)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_recipe, tiny_teacher
+from conftest import tiny_recipe, tiny_teacher, resume_round_trip
 from safetensors.torch import load_file
 
 from distill.core.recipe import recipe_from_dict
 from distill.core.runner import run_recipe
-from distill.errors import Interrupted, NaNLossError
+from distill.errors import NaNLossError
 
 
 def _weights(run_dir):
@@ -18,19 +18,7 @@ def _weights(run_dir):
 
 def test_resume_is_bitwise_exact(tmp_runs):
     # 2 epochs of 5 steps; interrupt after 3 steps (mid-epoch), resume, compare with a straight run
-    data = tiny_recipe("kd", {"name": "kd"}, {"recipe": tiny_teacher()}, epochs=2)
-    straight = run_recipe(recipe_from_dict(data), out=tmp_runs / "a")
-    r = recipe_from_dict(data)
-    with pytest.raises(Interrupted):
-        run_recipe(r, out=tmp_runs / "b", stop_at_step=3)
-    assert (tmp_runs / "b" / "kd.partial" / "checkpoints" / "latest").is_dir()
-    assert not (tmp_runs / "b" / "kd").exists()
-    resumed = run_recipe(r, out=tmp_runs / "b", resume=True)
-    wa, wb = _weights(straight.run_dir), _weights(resumed.run_dir)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
-    assert straight.metrics["test/accuracy"] == resumed.metrics["test/accuracy"]
+    resume_round_trip(tiny_recipe("kd", {"name": "kd"}, {"recipe": tiny_teacher()}, epochs=2), tmp_runs, 3)
 
 
 def test_gradient_accumulation_matches_big_batch(tmp_runs):

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_recipe, tiny_teacher
+from conftest import tiny_recipe, tiny_teacher, resume_round_trip
 from safetensors.torch import load_file
 
 from distill.core.metrics import ece
 from distill.core.recipe import recipe_from_dict
 from distill.core.runner import run_recipe
-from distill.errors import Interrupted
 from distill.logits.first import CALIBRATION_GRID, fit_calibration_temperature, topk_ece
 from distill.logits.losses import first_loss, first_targets
 
@@ -90,17 +88,7 @@ def test_first_tiny_run_stores_the_temperature(tmp_runs):
 
 
 def test_first_resume_is_bitwise_exact(tmp_runs):
-    data = _first_recipe("first", epochs=2)
-    straight = run_recipe(recipe_from_dict(data), out=tmp_runs / "a")
-    with pytest.raises(Interrupted):
-        run_recipe(recipe_from_dict(data), out=tmp_runs / "b", stop_at_step=3)
-    resumed = run_recipe(recipe_from_dict(data), out=tmp_runs / "b", resume=True)
-    wa = load_file(str(straight.run_dir / "student" / "model.safetensors"))
-    wb = load_file(str(resumed.run_dir / "student" / "model.safetensors"))
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
-    straight_metrics = json.loads((straight.run_dir / "metrics.json").read_text())
-    assert straight_metrics["test/accuracy"] == resumed.metrics["test/accuracy"]
+    resume_round_trip(_first_recipe("first", epochs=2), tmp_runs, 3)
 
 
 def test_first_needs_a_validation_split(tmp_runs):

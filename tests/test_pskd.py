@@ -11,13 +11,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import tiny_recipe
+from conftest import tiny_recipe, resume_round_trip
 from safetensors.torch import load_file
 
 from distill.core.distiller import TaskInfo
-from distill.core.recipe import load_recipe, recipe_from_dict
-from distill.core.runner import run_recipe
-from distill.errors import Interrupted
+from distill.core.recipe import load_recipe
 from distill.logits.pskd import ProgressiveSelfKD, PSKDParams
 
 
@@ -94,19 +92,13 @@ def test_sam_replay_does_not_overwrite_the_memory():
 def test_resume_restores_the_memory_exactly(tmp_runs):
     # 256 labeled samples / 64 = 4 steps per epoch, 3 epochs; interrupt mid-epoch 1, when the
     # memory of epoch 0 and half of epoch 1 is needed for the rest of the run
+    def inspect(ckpt):
+        saved = load_file(str(ckpt / "model.safetensors"))
+        assert saved["memory"].shape == (256, 10)
+        assert torch.allclose(saved["memory"].sum(-1), torch.ones(256))  # every sample was seen in epoch 0
+
     data = tiny_recipe("pskd", {"name": "pskd", "epochs": 3}, epochs=3)
-    straight = run_recipe(recipe_from_dict(data), out=tmp_runs / "a")
-    r = recipe_from_dict(data)
-    with pytest.raises(Interrupted):
-        run_recipe(r, out=tmp_runs / "b", stop_at_step=6)
-    saved = load_file(str(tmp_runs / "b" / "pskd.partial" / "checkpoints" / "latest" / "model.safetensors"))
-    assert saved["memory"].shape == (256, 10)
-    assert torch.allclose(saved["memory"].sum(-1), torch.ones(256))  # every sample was seen in epoch 0
-    resumed = run_recipe(r, out=tmp_runs / "b", resume=True)
-    wa = load_file(str(straight.run_dir / "student" / "model.safetensors"))
-    wb = load_file(str(resumed.run_dir / "student" / "model.safetensors"))
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
+    straight, _ = resume_round_trip(data, tmp_runs, 6, inspect)
     alphas = [row["train/alpha_t"] for row in straight.history if "train/alpha_t" in row]
     assert alphas[0] == pytest.approx(0.8 / 3) and alphas[-1] == pytest.approx(0.8)
     assert "test/ece" in straight.metrics and "params/teacher" not in straight.metrics

@@ -7,13 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_recipe, tiny_teacher
+from conftest import tiny_recipe, tiny_teacher, resume_round_trip
 from safetensors.torch import load_file
 
 from distill.core.distiller import TaskInfo
-from distill.core.recipe import recipe_from_dict
-from distill.core.runner import run_recipe
-from distill.errors import Interrupted, RecipeError
+from distill.errors import RecipeError
 from distill.logits.losses import anchored_kd_loss, kd_loss
 from distill.logits.recursive import RecursiveDistillation, RecursiveParams
 from distill.tasks.base import ArrayDataset
@@ -132,18 +130,8 @@ def test_needs_a_validation_split():
 def test_resume_is_bitwise_exact_across_generations(tmp_runs, stop):
     method = {"name": "recursive", "generations": 3, "epochs_per_generation": 1, "anchor_weight": 0.5}
     data = tiny_recipe("rec", method, {"recipe": tiny_teacher()}, epochs=3)
-    straight = run_recipe(recipe_from_dict(data), out=tmp_runs / "a")
-    r = recipe_from_dict(data)
-    with pytest.raises(Interrupted):
-        run_recipe(r, out=tmp_runs / "b", stop_at_step=stop)
-    resumed = run_recipe(r, out=tmp_runs / "b", resume=True)
-    for name in ("student/model.safetensors", "checkpoints/latest/model.safetensors"):
-        wa, wb = load_file(str(straight.run_dir / name)), load_file(str(resumed.run_dir / name))
-        assert wa.keys() == wb.keys()
-        for k in wa:  # bitwise, NaN (generations not yet finished) equal to NaN
-            torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, equal_nan=True, msg=f"{name}: {k}")
+    straight, resumed = resume_round_trip(data, tmp_runs, stop)
     state = load_file(str(resumed.run_dir / "checkpoints/latest/model.safetensors"))
     assert state["generation"].item() == 2 and not torch.isnan(state["generation_kl"][:2]).any()
     logged = [r["train/kl_to_teacher_gen1"] for r in straight.history if "train/kl_to_teacher_gen1" in r]
     assert logged and logged[-1] == pytest.approx(state["generation_kl"][1].item(), rel=1e-6)
-    assert straight.metrics["test/accuracy"] == resumed.metrics["test/accuracy"]
