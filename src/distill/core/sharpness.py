@@ -68,12 +68,11 @@ class TRAM(SAM):
         super().__init__(params, rho=0.0)
         self.student, self.noise, self.noise_type, self.scale = distiller.student, noise, noise_type, scale
         self._inputs: list[torch.Tensor] = []
-        self._perturbed = False
         distiller.register_forward_pre_hook(self._record)
         self.last_radius = 0.0
 
     def _record(self, module: nn.Module, args: tuple) -> None:
-        if not self._perturbed and args and isinstance(args[0], dict):
+        if not getattr(module, "replaying", False) and args and isinstance(args[0], dict):
             self._inputs.append(args[0]["x"])
 
     def _noise_like(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,8 +92,4 @@ class TRAM(SAM):
 
     def perturb(self) -> None:
         super().perturb()
-        self._inputs, self._perturbed = [], True  # the second pass (at w + ε) is not recorded
-
-    def restore(self) -> None:
-        super().restore()
-        self._perturbed = False
+        self._inputs = []  # the engine's second pass (at w + ε, ``replaying``) is not recorded
