@@ -16,7 +16,7 @@ class DigitsParams(Params):
     data_seed: int = 0
 
 
-DEFAULT_STUDENT = {"arch": "cnn2d", "width": 4, "depth": 2}  # when a recipe names no student
+DEFAULT_STUDENT = {"arch": "cnn2d", "width": 8, "depth": 3}  # when a recipe names no student
 
 
 @TASKS.register("digits", "scikit-learn 8x8 digits, 10 classes, bundled with scikit-learn", DigitsParams)
