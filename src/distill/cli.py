@@ -116,7 +116,7 @@ def _bench(suite: str, seeds: Optional[int], out: Optional[Path], set_: list[str
         table.add_column(title, justify="right", no_wrap=True)
     for row in rows:
         table.add_row(row.label, *(cell(row, key) for key, _, _ in cols))
-    wide = Console(width=max(out_console.width, 130))
+    wide = Console(width=max(out_console.width, 30 + 20 * len(cols)))
     wide.print(table)
     t = teacher_metrics(rows)
     if t:
