@@ -35,36 +35,17 @@ PROMPT = 64
 
 
 def _trl_loss():
-    """TRL's generalized_jsd_loss, or a faithful copy of its formula when TRL cannot be imported."""
+    """TRL's own ``GKDTrainer.generalized_jsd_loss`` (install with ``pip install -e ".[bench]"``)."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     try:
-        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         try:
             from trl.experimental.gkd import GKDTrainer
         except ImportError:  # TRL before GKD moved to trl.experimental
             from trl import GKDTrainer
-
-        return GKDTrainer.generalized_jsd_loss, "trl " + __import__("trl").__version__
-    except Exception:  # noqa: BLE001 - any import failure: fall back, and say so
-        import torch
-        import torch.nn.functional as F
-
-        def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0):
-            s = F.log_softmax(student_logits / temperature, dim=-1)
-            t = F.log_softmax(teacher_logits / temperature, dim=-1)
-            if beta == 0:
-                jsd = F.kl_div(s, t, reduction="none", log_target=True)
-            elif beta == 1:
-                jsd = F.kl_div(t, s, reduction="none", log_target=True)
-            else:
-                b = torch.tensor(beta, dtype=s.dtype)
-                mix = torch.logsumexp(torch.stack([s + torch.log1p(-b), t + torch.log(b)]), dim=0)
-                jsd = b * F.kl_div(mix, t, reduction="none", log_target=True) + (1 - b) * F.kl_div(
-                    mix, s, reduction="none", log_target=True)
-            mask = labels != -100
-            jsd = jsd[mask]
-            return jsd.sum() / mask.sum().clamp_min(1)
-
-        return generalized_jsd_loss, "copy of TRL's formula (trl not importable)"
+    except ImportError as err:
+        raise SystemExit(f"this benchmark compares with TRL, which is not importable ({err}); "
+                         'install it with: pip install -e ".[bench]"') from None
+    return GKDTrainer.generalized_jsd_loss, "trl " + __import__("trl").__version__
 
 
 def _status_kib(field: str) -> int:
