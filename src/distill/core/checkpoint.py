@@ -21,12 +21,17 @@ from distill.errors import MissingFileError
 LATEST = "latest"
 
 
+def cpu_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict as contiguous CPU copies: what safetensors can write (no shared storage)."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+
+
 def trainable_state(distiller: Distiller) -> dict[str, torch.Tensor]:
     """The distiller's state without a frozen teacher (it is rebuilt from its own run)."""
     sd = distiller.state_dict()
     if distiller.teacher is not None and not distiller.teacher_trainable:
         sd = {k: v for k, v in sd.items() if not k.startswith("teacher.")}
-    return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
+    return cpu_tensors(sd)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -99,7 +104,7 @@ def load(folder: Path, distiller: Distiller, optimizers: list, schedulers: list,
 def save_best(folder: Path, student: nn.Module) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".best.tmp.safetensors"
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in student.state_dict().items()}, str(tmp))
+    save_file(cpu_tensors(student.state_dict()), str(tmp))
     tmp.replace(folder / "best_student.safetensors")
 
 

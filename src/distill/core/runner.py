@@ -21,6 +21,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from distill.core import checkpoint as ckpt
 from distill.core import report
 from distill.core.distiller import Distiller, TaskInfo
 from distill.core.metrics import classifier_metrics, predict
@@ -53,7 +54,7 @@ def seed_everything(seed: int) -> None:
 def save_student(folder: Path, model: nn.Module, spec: dict[str, Any] | None, input_shape, num_classes: int) -> None:
     """``model.safetensors`` + ``config.json``: loadable with safetensors alone, no pickles."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    save_file(ckpt.cpu_tensors(model.state_dict()), str(folder / "model.safetensors"))
     config = {
         "format": STUDENT_FORMAT,
         "arch": spec["name"] if spec else None,
@@ -225,7 +226,7 @@ def run_recipe(
     except BaseException:
         # keep a resumable partial folder (interrupt, NaN after a checkpoint); nothing else
         if (partial / "checkpoints" / "latest").is_dir():
-            _write_history(partial, trainer.state["history"] if trainer else [])
+            report.write_csv(partial / "history.csv", trainer.state["history"] if trainer else [])
         else:
             shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -233,7 +234,7 @@ def run_recipe(
     metrics = final_metrics(distiller.student, distiller.teacher, data)
     metrics["time/train_s"] = train_s  # this session's share when resumed
     (partial / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    _write_history(partial, state["history"])
+    report.write_csv(partial / "history.csv", state["history"])
     save_student(partial / "student", distiller.student, distiller.export_spec(spec), data.input_shape, data.num_classes)
     report.write_run_report(partial, resolved, metrics, state["history"])
     if final.exists():
@@ -258,6 +259,3 @@ def final_metrics(student: nn.Module, teacher: nn.Module | None, data: TaskData)
         metrics["params/teacher"] = sum(p.numel() for p in teacher.parameters())
     return metrics
 
-
-def _write_history(folder: Path, history: list[dict[str, Any]]) -> None:
-    report.write_csv(folder / "history.csv", history)
