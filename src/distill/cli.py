@@ -77,17 +77,18 @@ def eval_(run_dir: Path = typer.Argument(..., help="a finished run folder")) -> 
     import yaml
 
     from distill.core.recipe import recipe_from_dict
-    from distill.core.runner import build_task, final_metrics, load_student, resolve_teacher
+    from distill.core.runner import build_task, resolve_teacher, task_ops
 
     try:
         path = run_dir / "recipe.yaml"
         if not path.is_file():
             raise DistillError(f"{run_dir} is not a run folder (no recipe.yaml)")
         recipe = recipe_from_dict(yaml.safe_load(path.read_text()), base_dir=run_dir)
-        student = load_student(run_dir)
+        ops = task_ops(build_task(recipe))
+        student = ops.load_model(run_dir)
         t_dir = resolve_teacher(recipe, run_dir.parent, progress=True) if recipe.teacher else None
-        teacher = load_student(t_dir) if t_dir else None
-        metrics = final_metrics(student, teacher, build_task(recipe))
+        teacher = ops.load_model(t_dir) if t_dir else None
+        metrics = ops.final_metrics(student, teacher)
     except DistillError as err:
         _fail(err)
     out_console.print(_metrics_table(str(run_dir), metrics))

@@ -31,6 +31,8 @@ class TaskInfo:
     num_labeled: int = 0
     train: Any = None  # ArrayDataset
     val: Any = None  # ArrayDataset | None
+    data: Any = None  # the task's data object (tokenizer, prompts, verifier for language-model tasks)
+    teacher_cache: Any = None  # a verified offline teacher (distill.lm.cache.TeacherCache), if the recipe gives one
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Distiller(nn.Module):
     needs_teacher: ClassVar[bool] = True
     uses_unlabeled: ClassVar[bool] = True
     teacher_trainable: ClassVar[bool] = False
+    supports_cache: ClassVar[bool] = False  # can train from an offline teacher cache instead of a live teacher
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, params: Params, info: TaskInfo) -> None:
         super().__init__()
@@ -80,6 +83,16 @@ class Distiller(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> Step:  # so DDP wrappers see the computation
         return self.training_step(batch)
+
+    def prepare_batches(self, batches: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """The micro-batches of one optimizer step before any forward pass; a method may replace them
+        (on-policy samples). Not called again for SAM's second pass."""
+        return batches
+
+    def count_items(self, batch: dict[str, Tensor]) -> int | None:
+        """Items the loss of ``batch`` sums over (e.g. valid tokens), or None for per-batch means. When
+        not None, the engine adds ``batch["num_items"]``: the count over the whole optimizer step."""
+        return None
 
     def on_train_start(self, total_steps: int, total_epochs: int) -> None:
         """Called by the engine before training (and on resume) with the run's length."""

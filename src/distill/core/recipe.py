@@ -72,13 +72,23 @@ class Component(Strict):
 
 
 class TeacherRef(Strict):
+    """Exactly one of: ``recipe`` (trained once, cached by fingerprint), ``run`` (a finished run folder),
+    ``model`` (a model folder, e.g. an HF ``save_pretrained`` directory) or ``cache`` (an offline
+    teacher cache written by ``distill cache-teacher``)."""
+
     recipe: str | dict[str, Any] | None = None
     run: str | None = None
+    model: str | None = None
+    cache: str | None = None
 
     @model_validator(mode="after")
     def _one(self) -> "TeacherRef":
-        if (self.recipe is None) == (self.run is None):
-            raise ValueError("give exactly one of 'recipe' (trained once, cached) or 'run' (a run folder)")
+        given = [k for k in ("recipe", "run", "model", "cache") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of 'recipe' (trained once, cached), 'run' (a run folder), "
+                f"'model' (a model folder) or 'cache' (a teacher cache folder); got {given or 'none'}"
+            )
         return self
 
 

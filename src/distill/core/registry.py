@@ -62,7 +62,7 @@ METHODS = Registry("method")
 TASKS = Registry("task")
 ARCHS = Registry("arch")
 
-_BUILTIN_MODULES = ("distill.tasks", "distill.logits")
+_BUILTIN_MODULES = ("distill.tasks", "distill.logits", "distill.lm")
 
 
 def _load_builtins() -> None:

@@ -1,8 +1,13 @@
 """From a recipe to a finished run folder.
 
-Resolves the task, the student, the teacher (a finished run folder, or a teacher recipe trained once
-and cached by its fingerprint), the method; trains in ``<out>/<name>.partial`` and renames it to
-``<out>/<name>`` only when everything is written, so a failed run never leaves a run folder.
+Resolves the task, the student, the teacher (a finished run folder, a model folder, an offline teacher
+cache, or a teacher recipe trained once and cached by its fingerprint), the method; trains in
+``<out>/<name>.partial`` and renames it to ``<out>/<name>`` only when everything is written, so a
+failed run never leaves a run folder.
+
+What depends on the kind of task (building, saving and loading models, evaluation, metrics) goes
+through the task's ``TaskOps`` (``core/taskops.py``): ``ClassifierOps`` here for classifier tasks;
+a language-model task's data object implements the same interface itself.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from distill.core.distiller import Distiller, TaskInfo
 from distill.core.metrics import classifier_metrics, predict
 from distill.core.recipe import Recipe, load_recipe, method_params, params_of, recipe_from_dict
 from distill.core.registry import METHODS, TASKS
+from distill.core.taskops import TaskOps
 from distill.core.trainer import Trainer
-from distill.errors import MismatchError, MissingFileError, RunExistsError
+from distill.errors import MismatchError, MissingFileError, RecipeError, RunExistsError
 from distill.tasks.base import ArrayDataset, TaskData
 from distill.tasks.models import build_model
 
@@ -67,15 +73,21 @@ def save_student(folder: Path, model: nn.Module, spec: dict[str, Any] | None, in
 
 
 def load_student(folder: str | Path) -> nn.Module:
-    """Rebuild a model saved by ``save_student`` (a run's ``student/`` folder, or the run folder)."""
+    """Rebuild a model saved by a run (a run's ``student/`` folder, or the run folder): a classifier
+    saved by ``save_student``, or a language model saved in HF's format."""
     folder = Path(folder)
     if (folder / "student").is_dir():
         folder = folder / "student"
     cfg_path, weights = folder / "config.json", folder / "model.safetensors"
-    for p in (cfg_path, weights):
-        if not p.is_file():
-            raise MissingFileError(f"{p} not found: a teacher run must be a finished run folder with student/")
+    if not cfg_path.is_file():
+        raise MissingFileError(f"{cfg_path} not found: a teacher run must be a finished run folder with student/")
     cfg = json.loads(cfg_path.read_text())
+    if "model_type" in cfg:  # an HF model folder (language-model runs save these)
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(folder))
+    if not weights.is_file():
+        raise MissingFileError(f"{weights} not found: a teacher run must be a finished run folder with student/")
     if not cfg.get("arch"):
         raise MissingFileError(
             f"{folder} holds a custom model ({cfg.get('class')}); build it yourself and load {weights} with safetensors"
@@ -90,15 +102,21 @@ def load_student(folder: str | Path) -> nn.Module:
 
 # --- pieces of a run -----------------------------------------------------------------------------
 
-def build_task(recipe: Recipe) -> TaskData:
+def build_task(recipe: Recipe) -> Any:
+    """The task's data: a ``TaskData`` (classifiers) or a family's own data object with ``TaskOps``."""
     entry = TASKS.get(recipe.task.name)
     return entry.obj(params_of(recipe.task, TASKS))
 
 
-def student_spec(recipe: Recipe) -> dict[str, Any]:
+def task_ops(data: Any) -> TaskOps:
+    return data if isinstance(data, TaskOps) else ClassifierOps(data)
+
+
+def student_spec(recipe: Recipe, data: Any = None) -> dict[str, Any]:
     if recipe.student is not None:
         return recipe.student.model_dump()
-    default = dict(TASKS.get(recipe.task.name).obj.default_student)
+    obj = data if data is not None and hasattr(data, "default_student") else TASKS.get(recipe.task.name).obj
+    default = dict(obj.default_student)
     return {"name": default.pop("arch"), "params": default}
 
 
@@ -113,31 +131,44 @@ def teacher_recipe(recipe: Recipe) -> Recipe | None:
 
 def resolved_recipe(recipe: Recipe) -> dict[str, Any]:
     """The recipe with defaults filled and the teacher made self-contained (inlined recipe or
-    absolute run path), so a run folder's recipe.yaml re-runs from anywhere."""
+    absolute path), so a run folder's recipe.yaml re-runs from anywhere."""
     d = recipe.resolved()
     t = teacher_recipe(recipe)
     if t is not None:
-        d["teacher"] = {"recipe": t.resolved(), "run": None}
+        d["teacher"] = {**d["teacher"], "recipe": t.resolved()}
     elif recipe.teacher is not None:
-        d["teacher"] = {"recipe": None, "run": str(recipe.path(recipe.teacher.run).resolve())}
+        d["teacher"] = {k: (str(recipe.path(v).resolve()) if v is not None else None) for k, v in d["teacher"].items()}
     return d
 
 
 def resolve_teacher(recipe: Recipe, out: Path, progress: bool) -> Path | None:
-    """The run folder of the teacher: given, or trained from its recipe once (cached)."""
+    """The folder of the teacher model: given (a run or model folder), or trained from its recipe once
+    (cached). None without a teacher, and for an offline cache (see ``teacher_cache_dir``)."""
     ref = recipe.teacher
-    if ref is None:
+    if ref is None or ref.cache is not None:
         return None
-    if ref.run is not None:
-        path = recipe.path(ref.run)
+    if ref.run is not None or ref.model is not None:
+        key, value = ("run", ref.run) if ref.run is not None else ("model", ref.model)
+        path = recipe.path(value)
         if not path.is_dir():
-            raise MissingFileError(f"teacher.run: run folder {path} does not exist; train the teacher first")
+            what = "run folder" if key == "run" else "model folder"
+            raise MissingFileError(f"teacher.{key}: {what} {path} does not exist")
         return path
     teacher = teacher_recipe(recipe)
     cached = out / "_teachers" / f"{teacher.name}-{teacher.fingerprint()}"
     if not (cached / "metrics.json").is_file():
         run_recipe(teacher, out=cached.parent, name=cached.name, progress=progress)
     return cached
+
+
+def teacher_cache_dir(recipe: Recipe) -> Path | None:
+    ref = recipe.teacher
+    if ref is None or ref.cache is None:
+        return None
+    path = recipe.path(ref.cache)
+    if not path.is_dir():
+        raise MissingFileError(f"teacher.cache: {path} does not exist; write it with `distill cache-teacher`")
+    return path
 
 
 def check_classes(model: nn.Module, num_classes: int, who: str) -> None:
@@ -148,8 +179,13 @@ def check_classes(model: nn.Module, num_classes: int, who: str) -> None:
 
 def make_distiller(recipe: Recipe, student: nn.Module, teacher: nn.Module | None, info: TaskInfo) -> Distiller:
     entry = METHODS.get(recipe.method.name)
-    if entry.obj.needs_teacher and teacher is None:
-        raise MissingFileError(f"method '{entry.name}' needs a teacher: add 'teacher: {{recipe: ...}}' or 'teacher: {{run: ...}}'")
+    if info.teacher_cache is not None and not entry.obj.supports_cache:
+        raise RecipeError(f"method '{entry.name}' cannot train from a teacher cache; give a live teacher instead")
+    if entry.obj.needs_teacher and teacher is None and info.teacher_cache is None:
+        raise MissingFileError(
+            f"method '{entry.name}' needs a teacher: add 'teacher: {{recipe: ...}}', 'teacher: {{run: ...}}' "
+            "or 'teacher: {model: ...}'"
+        )
     return entry.obj(student, teacher if entry.obj.needs_teacher else None, method_params(recipe), info)
 
 
@@ -160,6 +196,43 @@ def evaluator(data: ArrayDataset, teacher: nn.Module | None):
         return classifier_metrics(predict(model, data.x), data.y, t_logits)
 
     return evaluate
+
+
+class ClassifierOps:
+    """``TaskOps`` of a classifier ``TaskData``: registered archs, ``save_student`` folders, accuracy,
+    ECE and fidelity metrics."""
+
+    def __init__(self, data: TaskData) -> None:
+        self.data = data
+
+    def build_model(self, spec: dict[str, Any]) -> nn.Module:
+        return build_model(spec["name"], spec["params"], self.data.input_shape, self.data.num_classes)
+
+    def load_model(self, folder: Path) -> nn.Module:
+        return load_student(folder)
+
+    def save_model(self, folder: Path, model: nn.Module, spec: dict[str, Any] | None) -> None:
+        save_student(folder, model, spec, self.data.input_shape, self.data.num_classes)
+
+    def check_models(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        check_classes(student, self.data.num_classes, "student")
+        if teacher is not None:
+            check_classes(teacher, self.data.num_classes, "teacher")
+
+    def task_info(self, uses_unlabeled: bool) -> TaskInfo:
+        d = self.data
+        train_set = d.training_set(uses_unlabeled)
+        return TaskInfo(d.num_classes, len(train_set), d.input_shape, len(d.train), train_set, d.val, d)
+
+    def open_teacher_cache(self, folder: Path) -> Any:
+        raise RecipeError("teacher.cache is for language-model tasks; give a classifier teacher as recipe, run or model")
+
+    def evaluator(self, teacher: nn.Module | None):
+        d = self.data
+        return evaluator(d.val if d.val is not None else d.test, teacher)  # no val split: last epoch anyway
+
+    def final_metrics(self, student: nn.Module, teacher: nn.Module | None) -> dict[str, float]:
+        return final_metrics(student, teacher, self.data)
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -194,22 +267,24 @@ def run_recipe(
     if progress is not None:
         recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"progress": progress})})
 
+    data = data if data is not None else build_task(recipe)
+    ops = task_ops(data)
     teacher_dir = None if teacher is not None else resolve_teacher(recipe, out, recipe.train.progress)
     if teacher_dir is not None:
-        teacher = load_student(teacher_dir)
-    data = data if data is not None else build_task(recipe)
+        teacher = ops.load_model(teacher_dir)
+    cache_dir = teacher_cache_dir(recipe)
     seed_everything(recipe.seed)
     spec = None
     if student is None:
-        spec = student_spec(recipe)
-        student = build_model(spec["name"], spec["params"], data.input_shape, data.num_classes)
-    check_classes(student, data.num_classes, "student")
-    if teacher is not None:
-        check_classes(teacher, data.num_classes, "teacher")
+        spec = student_spec(recipe, data)
+        student = ops.build_model(spec)
+    ops.check_models(student, teacher)
 
     entry = METHODS.get(recipe.method.name)
-    train_set = data.training_set(entry.obj.uses_unlabeled)
-    info = TaskInfo(data.num_classes, len(train_set), data.input_shape, len(data.train), train_set, data.val)
+    info = ops.task_info(entry.obj.uses_unlabeled)
+    if cache_dir is not None:
+        info.teacher_cache = ops.open_teacher_cache(cache_dir)
+    train_set = info.train
     distiller = make_distiller(recipe, student, teacher, info)
 
     if partial.exists() and not resume:
@@ -218,8 +293,7 @@ def run_recipe(
     (partial / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     trainer = None
     try:
-        val = data.val if data.val is not None else data.test  # no val split: last-epoch model anyway
-        trainer = Trainer(distiller, train_set, recipe.train, recipe.seed, partial, evaluator(val, distiller.teacher))
+        trainer = Trainer(distiller, train_set, recipe.train, recipe.seed, partial, ops.evaluator(distiller.teacher))
         started = time.perf_counter()
         state = trainer.fit(resume=resume, stop_at_step=stop_at_step)
         train_s = time.perf_counter() - started
@@ -231,11 +305,14 @@ def run_recipe(
             shutil.rmtree(partial, ignore_errors=True)
         raise
 
-    metrics = final_metrics(distiller.student, distiller.teacher, data)
+    metrics = ops.final_metrics(distiller.student, distiller.teacher)
     metrics["time/train_s"] = train_s  # this session's share when resumed
+    tokens = getattr(distiller, "tokens_trained", None)
+    if tokens is not None and train_s > 0:
+        metrics["time/train_tokens_per_s"] = float(tokens) / train_s
     (partial / "metrics.json").write_text(json.dumps(metrics, indent=2))
     report.write_csv(partial / "history.csv", state["history"])
-    save_student(partial / "student", distiller.student, distiller.export_spec(spec), data.input_shape, data.num_classes)
+    ops.save_model(partial / "student", distiller.student, distiller.export_spec(spec))
     report.write_run_report(partial, resolved, metrics, state["history"])
     if final.exists():
         shutil.rmtree(final)

@@ -212,13 +212,14 @@ class Trainer:
         self._checkpoint()
 
     def _step(self, group: list[Tensor], want_metrics: bool) -> dict[str, float]:
-        totals = self._grads(group, want_metrics)
+        batches = self._fetch(group)
+        totals = self._grads(batches, want_metrics)
         if self.sharpness is not None:  # gradient again at the adversarial point, then step from w
             self.sharpness.perturb()
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=True)
             self.distiller.replaying = True  # methods must not record state twice
-            self._grads(group, False)
+            self._grads(batches, False)
             self.distiller.replaying = False
             self.sharpness.restore()
         if self.cfg.grad_clip:
@@ -230,12 +231,31 @@ class Trainer:
         self.distiller.on_optimizer_step()
         return totals
 
-    def _grads(self, group: list[Tensor], want_metrics: bool) -> dict[str, float]:
+    def _fetch(self, group: list[Tensor]) -> list[dict[str, Tensor]]:
+        """The step's micro-batches on the device, as the distiller prepares them (e.g. on-policy
+        samples). Where the distiller counts items (valid tokens), every batch gets ``num_items``, the
+        count over the whole optimizer step on all processes, so losses summed over items and divided
+        by it equal the loss of one big batch whatever the accumulation and process count."""
+        batches = [{k: v.to(self.acc.device) for k, v in fetch(self.train_set, idx).items()} for idx in group]
+        batches = self.distiller.prepare_batches(batches)
+        counts = [self.distiller.count_items(b) for b in batches]
+        if counts and counts[0] is not None:
+            n = torch.tensor(float(sum(counts)), device=self.acc.device)
+            if self.acc.num_processes > 1:
+                n = self.acc.reduce(n, reduction="sum")
+            for b in batches:
+                b["num_items"] = n
+        return batches
+
+    def _grads(self, batches: list[dict[str, Tensor]], want_metrics: bool) -> dict[str, float]:
         """Forward and backward over the micro-batches of one optimizer step."""
         totals: dict[str, float] = {}
-        for j, idx in enumerate(group):
-            batch = {k: v.to(self.acc.device) for k, v in fetch(self.train_set, idx).items()}
-            sync = j == len(group) - 1
+        n = len(batches)
+        # item-normalised losses already carry the step's share; DDP averages gradients over processes
+        per_item = "num_items" in batches[0]
+        scale = float(self.acc.num_processes) if per_item else 1.0 / n
+        for j, batch in enumerate(batches):
+            sync = j == n - 1
             ctx = contextlib.nullcontext() if sync or self.acc.num_processes == 1 else self.acc.no_sync(self.model)
             with ctx:
                 with self._autocast():
@@ -243,10 +263,12 @@ class Trainer:
                 loss = sum(out.losses.values())
                 if not torch.isfinite(loss.detach()).item():
                     self._nan(out.losses)
-                self.acc.backward(loss / len(group) if len(group) > 1 else loss)
-            for name, v in ({"loss": loss, **out.losses, **out.metrics} if want_metrics else {}).items():
-                val = v.detach().float().mean().item() if isinstance(v, Tensor) else float(v)
-                totals[name] = totals.get(name, 0.0) + val / len(group)
+                self.acc.backward(loss * scale if scale != 1.0 else loss)
+            if want_metrics:
+                summed = {"loss": loss, **out.losses} if per_item else {}
+                for name, v in {"loss": loss, **out.losses, **out.metrics}.items():
+                    val = v.detach().float().mean().item() if isinstance(v, Tensor) else float(v)
+                    totals[name] = totals.get(name, 0.0) + (val if name in summed else val / n)
         return totals
 
     def _nan(self, losses: dict[str, Tensor]) -> None:

@@ -58,6 +58,7 @@ __all__ = [
     "fused_sparse_token_divergence",
     "fused_token_divergence",
     "sparse_token_divergence",
+    "token_cross_entropy",
     "token_divergence",
 ]
 
@@ -516,3 +517,15 @@ def fused_sparse_token_divergence(
     _check_sparse(teacher_ids, teacher_logprobs, batch, seq, lm_head_weight.shape[0])
     return _fused(student_hidden, lm_head_weight, labels, (teacher_ids, teacher_logprobs), spec, num_items,
                   chunk_size)
+
+
+def token_cross_entropy(logits: Tensor, labels: Tensor, num_items: float | Tensor | None = None) -> Tensor:
+    """Next-token cross-entropy with the conventions above (causal shift, ``-100`` masked, sum over
+    valid tokens divided by ``num_items`` or this batch's valid-token count). ``logits``:
+    ``[batch, seq, vocab]``; ``labels``: ``[batch, seq]`` input-aligned."""
+    batch, seq, vocab = logits.shape
+    _check_labels(labels, batch, seq, "logits")
+    target = labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), target, ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    return _reduce(total, int((target != IGNORE_INDEX).sum()), num_items)

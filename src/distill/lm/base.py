@@ -1,0 +1,78 @@
+"""The base of every language-model method, and ``sft`` (next-token cross-entropy, no teacher).
+
+Losses are sums over supervised tokens divided by the optimizer step's token count (``num_items``,
+set by the engine from :meth:`LMDistiller.count_items`), so gradient accumulation and several
+processes train exactly as one big batch (``docs/conventions.md``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from distill.core.distiller import Distiller, Step, TaskInfo
+from distill.core.registry import METHODS, Params
+from distill.lm.losses import IGNORE_INDEX, token_cross_entropy
+from distill.lm.models import hidden_and_head, token_logits
+
+
+class LMDistiller(Distiller):
+    """Student and teacher are causal LMs; batches are ``input_ids``/``attention_mask``/``labels``/``index``.
+
+    ``info.data`` is the task's ``LMTaskData`` (tokenizer, prompts, verifier). ``tokens_trained`` counts
+    the (non-padding) tokens of every trained batch, for the training throughput."""
+
+    uses_unlabeled = False
+    tokens_seen: Tensor
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, params: Params, info: TaskInfo) -> None:
+        super().__init__(student, teacher, params, info)
+        self.vocab = info.num_classes
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+
+    @property
+    def data(self) -> Any:
+        return self.info.data
+
+    @property
+    def tokens_trained(self) -> int:
+        return int(self.tokens_seen)
+
+    def count_items(self, batch: dict[str, Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def seen(self, batch: dict[str, Tensor]) -> None:
+        if not self.replaying:
+            self.tokens_seen += batch["attention_mask"].sum()
+
+    def student_logits(self, batch: dict[str, Tensor]) -> Tensor:
+        return token_logits(self.student, batch, self.vocab)
+
+    def student_hidden(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        return hidden_and_head(self.student, batch, self.vocab)
+
+    def teacher_token_logits(self, batch: dict[str, Tensor]) -> Tensor:
+        """The frozen teacher's logits under inference mode, cloned so autograd may save them."""
+        assert self.teacher is not None
+        with torch.inference_mode():
+            out = token_logits(self.teacher, batch, self.vocab)
+        return out.clone()
+
+
+class SFTParams(Params):
+    pass
+
+
+@METHODS.register("sft", "next-token cross-entropy on the task's completions (no teacher): LM baseline, teachers",
+                  SFTParams)
+class SFT(LMDistiller):
+    """Supervised fine-tuning: ``Σ −log q(y_{i+1} | y_≤i)`` over supervised tokens / the step's token count."""
+
+    needs_teacher = False
+
+    def training_step(self, batch: dict[str, Tensor]) -> Step:
+        self.seen(batch)
+        loss = token_cross_entropy(self.student_logits(batch), batch["labels"], batch.get("num_items"))
+        return Step({"student": loss}, {"ce": loss.detach()})
