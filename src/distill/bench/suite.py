@@ -38,11 +38,46 @@ COLUMNS = [
     ("time/train_s", "time (s)", False),
 ]
 EXTRA = [("test/canary_exposure", "canary exposure", False), ("test/attack_success_rate", "attack success", False)]
+LM_COLUMNS = [
+    ("test/exact_match", "exact match", True),
+    ("test/token_kl", "token KL(T‖S)", False),
+    ("test/perplexity", "perplexity", False),
+    ("time/train_s", "time (s)", False),
+    ("time/train_tokens_per_s", "train tokens/s", True),
+]
+PERCENT = ("test/accuracy", "test/exact_match")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What a leaderboard shows for a kind of task: table columns, the two bar charts, the two curves."""
+
+    columns: list[tuple[str, str, bool]]
+    bars: tuple[tuple[str, str], tuple[str, str]]
+    curves: tuple[str, str]
+    teacher_line: Callable[[dict[str, float]], str]
+
+
+CLASSIFIER = Profile(
+    COLUMNS, (("test/accuracy", "test accuracy"), ("test/ece", "test ECE (lower is better)")),
+    ("val/accuracy", "val/agreement"),
+    lambda t: f"Teacher: accuracy {100 * t['accuracy']:.2f} %, ECE {t['ece']:.4f}, NLL {t['nll']:.4f}.",
+)
+LANGUAGE_MODEL = Profile(
+    LM_COLUMNS, (("test/exact_match", "test exact match (greedy)"), ("test/token_kl", "test token KL to teacher (lower is better)")),
+    ("val/exact_match", "val/token_kl"),
+    lambda t: f"Teacher: exact match {100 * t.get('exact_match', float('nan')):.2f} %, perplexity {t['perplexity']:.4f}.",
+)
+
+
+def profile(rows: list["Row"]) -> Profile:
+    lm = any("test/perplexity" in r.metrics for row in rows for r in row.runs)
+    return LANGUAGE_MODEL if lm else CLASSIFIER
 
 
 def columns(rows: list["Row"]) -> list[tuple[str, str, bool]]:
-    """The standard columns plus task-specific metrics that some run reports."""
-    return COLUMNS + [c for c in EXTRA if any(c[0] in r.metrics for row in rows for r in row.runs)]
+    """The standard columns of the task kind plus task-specific metrics that some run reports."""
+    return profile(rows).columns + [c for c in EXTRA if any(c[0] in r.metrics for row in rows for r in row.runs)]
 
 
 class Entry(Strict):
@@ -129,7 +164,7 @@ def cell(row: Row, key: str) -> str:
     if s is None:
         return "–"
     digits = 1 if key.startswith("time/") else 4
-    if key == "test/accuracy":
+    if key in PERCENT:
         return f"{100 * s[0]:.2f} ± {100 * s[1]:.2f}"
     return f"{s[0]:.{digits}f} ± {s[1]:.{digits}f}"
 
@@ -137,7 +172,7 @@ def cell(row: Row, key: str) -> str:
 def teacher_metrics(rows: list[Row]) -> dict[str, float]:
     for row in rows:
         for r in row.runs:
-            if "teacher/accuracy" in r.metrics:
+            if any(k.startswith("teacher/") for k in r.metrics):
                 return {k.removeprefix("teacher/"): v for k, v in r.metrics.items() if k.startswith("teacher/")}
     return {}
 
@@ -151,7 +186,7 @@ def leaderboard_markdown(suite: Suite, rows: list[Row], n_seeds: int) -> str:
         suite.description.strip(),
         "",
         f"Mean ± std over {n_seeds} seed(s); test metrics of the last-epoch model (never selected on test). "
-        "Accuracy in %.",
+        "Accuracy and exact match in %.",
         "",
         head,
         "|" + "---|" * (len(cols) + 1),
@@ -160,8 +195,8 @@ def leaderboard_markdown(suite: Suite, rows: list[Row], n_seeds: int) -> str:
         lines.append(f"| {row.label} | " + " | ".join(cell(row, c[0]) for c in cols) + " |")
     t = teacher_metrics(rows)
     if t:
-        lines += ["", f"Teacher: accuracy {100 * t['accuracy']:.2f} %, ECE {t['ece']:.4f}, NLL {t['nll']:.4f}."]
-    lines += ["", "![accuracy and ECE](leaderboard.png)", "", "![validation curves](curves.png)", ""]
+        lines += ["", profile(rows).teacher_line(t)]
+    lines += ["", "![test metrics](leaderboard.png)", "", "![validation curves](curves.png)", ""]
     return "\n".join(lines)
 
 
@@ -186,14 +221,14 @@ def plot_leaderboard(path: Path, rows: list[Row], teacher: dict[str, float]) -> 
     plt = report.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     labels = [r.label for r in rows]
-    for ax, key, title in ((axes[0], "test/accuracy", "test accuracy"), (axes[1], "test/ece", "test ECE (lower is better)")):
+    for ax, (key, title) in zip(axes, profile(rows).bars):
         stats = [r.stat(key) or (0.0, 0.0) for r in rows]
         ax.bar(labels, [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=4, color="tab:blue")
         tk = key.removeprefix("test/")
         if tk in teacher:
             ax.axhline(teacher[tk], color="tab:red", ls="--", label="teacher")
             ax.legend()
-        if key == "test/accuracy":
+        if key in PERCENT:
             lo = min(s[0] - s[1] for s in stats)
             ax.set_ylim(max(0.0, lo - 0.05), min(1.0, max(max(s[0] + s[1] for s in stats), teacher.get(tk, 0)) + 0.03))
         ax.set_title(title)
@@ -204,11 +239,12 @@ def plot_leaderboard(path: Path, rows: list[Row], teacher: dict[str, float]) -> 
 
 
 def plot_curves(path: Path, rows: list[Row]) -> None:
-    """Validation accuracy and fidelity to the teacher (top-1 agreement, S42) against training
-    progress (fraction of the run), mean over seeds."""
+    """Validation accuracy (exact match for language models) and fidelity to the teacher (top-1
+    agreement, S42; token KL for language models) against training progress (fraction of the run),
+    mean over seeds."""
     plt = report.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key in zip(axes, ("val/accuracy", "val/agreement")):
+    for ax, key in zip(axes, profile(rows).curves):
         for i, row in enumerate(rows):
             curves = [report.series(r.history, key) for r in row.runs if r.history]
             curves = [c for c in curves if c[0]]

@@ -46,6 +46,9 @@ class Step:
 
     losses: dict[str, Tensor]
     metrics: dict[str, Tensor | float] = field(default_factory=dict)
+    # metrics that are this micro-batch's share of a step total (divided by the step's num_items):
+    # the engine sums them over micro-batches, as it does the losses, instead of averaging
+    summed: tuple[str, ...] = ()
 
 
 class Distiller(nn.Module):

@@ -40,17 +40,28 @@ def pyplot():
     return plt
 
 
+RATES = ("val/accuracy", "val/agreement", "val/exact_match")  # in [0, 1], one panel
+LOSSES = ("val/token_kl", "val/perplexity")  # language models: each its own panel when present
+
+
 def plot_curves(path: Path, history: list[dict[str, Any]]) -> None:
-    """Training loss and validation accuracy / fidelity against optimizer steps."""
+    """Training loss, validation accuracy / exact match / fidelity, and for language models the
+    validation token KL to the teacher and perplexity, against optimizer steps."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    extra = [k for k in LOSSES if series(history, k)[0]]
+    fig, axes = plt.subplots(1, 2 + len(extra), figsize=(5 * (2 + len(extra)), 3.6))
     axes[0].plot(*series(history, "train/loss"), label="train loss")
     axes[0].set_xlabel("step"), axes[0].set_title("training loss"), axes[0].set_yscale("log")
-    for key in ("val/accuracy", "val/agreement"):
+    for key in RATES:
         xs, ys = series(history, key)
         if xs:
             axes[1].plot(xs, ys, marker=".", label=key)
-    axes[1].set_xlabel("step"), axes[1].set_title("validation"), axes[1].legend()
+    axes[1].set_xlabel("step"), axes[1].set_title("validation")
+    if axes[1].lines:
+        axes[1].legend()
+    for ax, key in zip(axes[2:], extra):
+        ax.plot(*series(history, key), marker=".")
+        ax.set_xlabel("step"), ax.set_title(key), ax.set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

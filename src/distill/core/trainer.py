@@ -265,7 +265,7 @@ class Trainer:
                     self._nan(out.losses)
                 self.acc.backward(loss * scale if scale != 1.0 else loss)
             if want_metrics:
-                summed = {"loss": loss, **out.losses} if per_item else {}
+                summed = {"loss", *out.losses, *out.summed} if per_item else set()
                 for name, v in {"loss": loss, **out.losses, **out.metrics}.items():
                     val = v.detach().float().mean().item() if isinstance(v, Tensor) else float(v)
                     totals[name] = totals.get(name, 0.0) + (val if name in summed else val / n)

@@ -75,4 +75,4 @@ class SFT(LMDistiller):
     def training_step(self, batch: dict[str, Tensor]) -> Step:
         self.seen(batch)
         loss = token_cross_entropy(self.student_logits(batch), batch["labels"], batch.get("num_items"))
-        return Step({"student": loss}, {"ce": loss.detach()})
+        return Step({"student": loss}, {"ce": loss.detach()}, summed=("ce",))

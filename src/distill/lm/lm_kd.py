@@ -84,4 +84,4 @@ class LMKD(LMDistiller):
         if ce is not None:
             loss = loss + self.params.ce_weight * ce
             metrics["ce"] = ce.detach()
-        return Step({"student": loss}, metrics)
+        return Step({"student": loss}, metrics, summed=("kd", "ce"))

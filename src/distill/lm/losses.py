@@ -60,6 +60,7 @@ __all__ = [
     "sparse_token_divergence",
     "token_cross_entropy",
     "token_divergence",
+    "token_taid_loss",
 ]
 
 
@@ -529,3 +530,55 @@ def token_cross_entropy(logits: Tensor, labels: Tensor, num_items: float | Tenso
     total = F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), target, ignore_index=IGNORE_INDEX,
                             reduction="sum")
     return _reduce(total, int((target != IGNORE_INDEX).sum()), num_items)
+
+
+def token_taid_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    t: float | Tensor,
+    num_items: float | Tensor | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """TAID's token loss for causal LMs (S60, Shing et al. 2025, §3, the interpolated target; official
+    SakanaAI/TAID ``src/distil_losses/taid.py``, ``TAID.compute_loss``): per supervised token the
+    cross-entropy ``−Σ_v p_t,v · log q_v`` to the interpolated target
+
+        ``p_t = softmax(((1 − t)·sg(s) + t·z) / T)``,   ``q = softmax(s / T)``,
+
+    with ``s``/``z`` the student's/teacher's logits at that position and ``sg`` stop-gradient: the
+    whole target is detached, so the gradient flows only through the student's log-softmax and equals
+    that of ``KL(p_t ‖ q)``, ``(q − p_t) / T`` per token. ``t = 1`` is forward KL to the teacher plus the
+    teacher's entropy; ``t = 0`` has zero gradient.
+
+    Conventions of this module: causal shift, ``-100`` masked (never computed), sum over vocabulary and
+    valid tokens divided by ``num_items`` (the optimizer step's valid tokens) or this batch's count,
+    float32 math. ``t``: a float or a 0-d tensor (``TAIDSchedule.t``). Deviations from the official
+    code: its per-micro-batch masked mean becomes our step-level ``num_items`` reduction (equal without
+    gradient accumulation on one process); ``temperature`` (default 1 = the official code, which has
+    none) divides both logits, no T² factor. The official ``inf`` masking of student logits is covered
+    by writing 0 wherever ``p_t = 0``.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, not {temperature}")
+    if student_logits.dim() != 3:
+        raise ValueError(f"student_logits must be [batch, seq, vocab], not {list(student_logits.shape)}")
+    batch, seq, vocab = student_logits.shape
+    if teacher_logits.shape[:2] != (batch, seq):
+        raise ValueError(f"teacher_logits {list(teacher_logits.shape)} must match student_logits {[batch, seq, vocab]}")
+    _check_vocab(vocab, teacher_logits.shape[-1])
+    _check_labels(labels, batch, seq, "logits")
+    if isinstance(t, Tensor):
+        if t.numel() != 1:
+            raise ValueError(f"t must be a scalar, not a tensor of shape {list(t.shape)}")
+        t = t.detach().reshape(())
+    rows = _valid_rows(labels, seq)
+    wd = _work_dtype(student_logits)
+    s = student_logits.reshape(batch * seq, vocab).index_select(0, rows).to(wd)
+    z = teacher_logits.detach().reshape(batch * seq, vocab).index_select(0, rows).to(wd)
+    if isinstance(t, Tensor):
+        t = t.to(device=s.device, dtype=wd)
+    p_t = F.softmax(((1 - t) * s.detach() + t * z) / temperature, dim=-1)
+    log_q = F.log_softmax(s / temperature if temperature != 1.0 else s, dim=-1)
+    total = -(p_t * log_q).masked_fill(p_t == 0, 0.0).sum()  # p_t = 0 (e.g. a -inf logit): exactly 0
+    return _reduce(total, rows.numel(), num_items)
