@@ -348,3 +348,20 @@ def test_sampled_runs_resume_bitwise(tmp_runs, method):
     if method["name"] == "gkd":
         fractions = [r["train/on_policy"] for r in straight.history if "train/on_policy" in r]
         assert fractions == [r["train/on_policy"] for r in resumed.history if "train/on_policy" in r]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the vllm backend needs a GPU")
+def test_vllm_backend_matches_hf_greedy(tmp_path):  # pragma: no cover - runs on GPU machines only
+    pytest.importorskip("vllm")
+    from distill.lm.arithmetic import CharTokenizer
+    from distill.lm.rollout import rollout
+    from distill.lm.text import tiny_causal_lm
+
+    tok = CharTokenizer()
+    model = tiny_causal_lm(None, 32, 1, 2, tok, seed=0)
+    model.save_pretrained(tmp_path / "m")
+    prompts = [[tok.bos_token_id] + tok.encode("12+34\n"), [tok.bos_token_id] + tok.encode("7*8\n")]
+    kw = dict(max_new_tokens=8, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, greedy=True)
+    hf = rollout(model, prompts, **kw)
+    vl = rollout(str(tmp_path / "m"), prompts, backend="vllm", **kw)
+    assert hf.completions == vl.completions

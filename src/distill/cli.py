@@ -1,4 +1,4 @@
-"""The ``distill`` command line: run | bench | list | eval | demo."""
+"""The ``distill`` command line: run | cache-teacher | bench | list | eval | demo."""
 
 from __future__ import annotations
 
@@ -56,6 +56,36 @@ def run(
     out_console.print(_metrics_table(f"{r.name} -> {res.run_dir}", res.metrics))
 
 
+@app.command("cache-teacher")
+def cache_teacher(
+    recipe: str = typer.Argument(..., help="recipe whose task and teacher (recipe, run or model) to cache"),
+    top_k: int = typer.Option(..., "--top-k", min=1, help="token ids and log-probs kept per position"),
+    out: Path = typer.Option(..., "--out", help="cache folder; train from it with 'teacher: {cache: DIR}'"),
+    set_: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. --set task.num_train=500"),
+    dtype: str = typer.Option("float16", "--dtype", help="float16 | bfloat16 (the log-probs)"),
+    shard_size: int = typer.Option(1024, "--shard-size", min=1, help="samples per shard"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="samples per teacher forward"),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="where a teacher recipe is trained (<runs>/_teachers)"),
+) -> None:
+    """Run RECIPE's teacher once over its task's training split and store its top-k log-probs in DIR.
+    Interrupted, the same command resumes after the last complete shard."""
+    from distill.core.recipe import load_recipe
+    from distill.lm.cache import bytes_per_token, cache_from_recipe, read_manifest
+
+    try:
+        r = load_recipe(recipe, set_)
+        folder = cache_from_recipe(r, out, top_k, dtype, shard_size, batch_size, runs, progress=True)
+        m = read_manifest(folder)
+    except DistillError as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        err_console.print(f"[yellow]interrupted[/]: complete shards in {out} are kept; run the same command again "
+                          "to resume", highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
+    out_console.print(f"{folder}: {m['num_samples']} samples, {m['rows']} tokens, top-{m['k']} {m['dtype']}, "
+                      f"{bytes_per_token(m):.1f} bytes/token", highlight=False, soft_wrap=True)
+
+
 @app.command("list")
 def list_() -> None:
     """Methods, tasks, architectures, shipped recipes and suites, one line each."""
@@ -99,16 +129,18 @@ def _bench(suite: str, seeds: Optional[int], out: Optional[Path], set_: list[str
 
     def on_run(label: str, seed: int, res) -> None:
         m = res.metrics
-        out_console.print(
-            f"  [green]✓[/] {label:<14} seed {seed}  accuracy {100 * m['test/accuracy']:.2f} %  "
-            f"ECE {m['test/ece']:.4f}  ({m.get('time/train_s', 0):.1f} s)", highlight=False,
-        )
+        if "test/accuracy" in m:
+            shown = f"accuracy {100 * m['test/accuracy']:.2f} %  ECE {m['test/ece']:.4f}"
+        else:
+            shown = f"exact match {100 * m.get('test/exact_match', float('nan')):.2f} %  perplexity {m['test/perplexity']:.3f}"
+        out_console.print(f"  [green]✓[/] {label:<14} seed {seed}  {shown}  ({m.get('time/train_s', 0):.1f} s)",
+                          highlight=False)
 
     try:
         rows, folder = run_suite(suite, out=out, seeds=seeds, overrides=set_, on_run=on_run)
     except DistillError as err:
         _fail(err)
-    from distill.bench.suite import cell, columns, teacher_metrics
+    from distill.bench.suite import cell, columns, profile, teacher_metrics
 
     table = Table(title=f"leaderboard ({len(rows[0].runs)} seeds, mean ± std, test split)")
     table.add_column("method", no_wrap=True)
@@ -121,7 +153,7 @@ def _bench(suite: str, seeds: Optional[int], out: Optional[Path], set_: list[str
     wide.print(table)
     t = teacher_metrics(rows)
     if t:
-        wide.print(f"teacher: accuracy {100 * t['accuracy']:.2f} %, ECE {t['ece']:.4f}", highlight=False)
+        wide.print(profile(rows).teacher_line(t), highlight=False)
     wide.print(f"leaderboard.md, leaderboard.csv and plots in {folder}/", highlight=False)
 
 

@@ -30,6 +30,10 @@ class RunExistsError(DistillError):
     """The run folder already exists with a different recipe."""
 
 
+class CorruptCacheError(DistillError):
+    """A teacher cache is incomplete, or a shard's bytes do not match the checksum in its manifest."""
+
+
 class Interrupted(DistillError):
     """Training was interrupted (SIGINT); a checkpoint was written so the run can be resumed."""
 

@@ -1,0 +1,444 @@
+"""Offline sparse teacher: the teacher's top-k next-token log-probs, written once, trained from later.
+
+Catalogue B4 ("offline / sparse teacher"; the top-k "concentrated knowledge" of FIRST, S03, is the
+same observation: a few tokens hold nearly all of an LM teacher's mass). ``distill cache-teacher``
+runs the teacher (eval, inference mode) once over the training split and stores, for every
+supervised position of every sample, i.e. every position ``i`` with ``labels[i + 1] != -100`` (the
+rows the losses read, ``losses._valid_rows``), the top-k token ids (int32), their log-probs at
+temperature 1 (float16 or bfloat16) and the remaining mass ``1 − Σ p_topk`` (float32, computed from
+the float32 log-probs before rounding). ``lm_kd`` with ``teacher: {cache: DIR}`` feeds them to
+``sparse_token_divergence`` (``docs/conventions.md``, "Sparse teacher"); that loss recomputes the
+tail from the rounded log-probs, so the stored tail is for inspection and other consumers.
+
+Layout of a cache folder::
+
+    manifest.json              identity (teacher, tokenizer and dataset fingerprints, k, dtype, ...),
+                               per-shard sha256, complete flag
+    shard-00000.safetensors    samples [0, shard_size): ids [R, k] int32, logprobs [R, k], tail [R],
+                               offsets [n + 1] int64 (sample j's rows: offsets[j]:offsets[j+1]),
+                               sample [n] int64 (train indices)
+    index.safetensors          per train index: shard [N] int32, offset [N] int64, length [N] int64
+
+Storage per supervised token: ``4k + 2k + 4`` bytes (388 at k = 64) plus the shards' offsets and
+headers. Writing resumes: every shard is written to a temporary file and renamed, the manifest is
+rewritten after each shard, and a restarted write keeps the shards whose checksum verifies. Opening
+verifies the fingerprints against the task and every checksum before any data is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor, nn
+
+from distill.errors import CorruptCacheError, MismatchError, MissingFileError, RecipeError
+from distill.lm.losses import IGNORE_INDEX, _valid_rows
+from distill.lm.models import token_logits
+from distill.lm.task import LMTaskData, tokenizer_fingerprint
+
+FORMAT = "distill-teacher-cache"
+VERSION = 1
+MANIFEST = "manifest.json"
+INDEX = "index.safetensors"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# manifest keys that must agree for a write to resume into (or a reader to trust) a folder
+IDENTITY = ("format", "version", "teacher", "tokenizer", "dataset", "task", "vocab", "k", "dtype",
+            "num_samples", "shard_size")
+_HINT = "re-run `distill cache-teacher` with the same arguments to rewrite it"
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.safetensors"
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, fsync, then rename: ``path`` is whole or absent."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    _atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+def _identity(data: LMTaskData, top_k: int, dtype: str, shard_size: int, teacher_id: str) -> dict[str, Any]:
+    return {"format": FORMAT, "version": VERSION, "teacher": teacher_id, "tokenizer": tokenizer_fingerprint(data.tokenizer),
+            "dataset": data.fingerprint, "task": data.name, "vocab": data.vocab, "k": int(top_k), "dtype": dtype,
+            "num_samples": len(data.train), "shard_size": int(shard_size)}
+
+
+def _check_args(data: LMTaskData, top_k: int, dtype: str, shard_size: int, batch_size: int) -> None:
+    if dtype not in DTYPES:
+        raise RecipeError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if not 1 <= top_k <= data.vocab:
+        raise RecipeError(f"--top-k {top_k}: must be between 1 and the vocabulary size ({data.vocab})")
+    if shard_size < 1 or batch_size < 1:
+        raise RecipeError(f"shard size ({shard_size}) and batch size ({batch_size}) must be positive")
+    if len(data.train) == 0:
+        raise RecipeError(f"task '{data.name}' has no training samples to cache")
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """A cache folder's manifest, None where there is none."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CorruptCacheError(f"{path} is not valid JSON; delete {folder} and re-run `distill cache-teacher`") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise CorruptCacheError(f"{path} is not a teacher-cache manifest (format {m.get('format') if isinstance(m, dict) else None!r})")
+    return m
+
+
+def check_existing(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of a cache already in ``out`` that a write with ``identity`` may resume, None for
+    a new or empty folder; refuses a folder that holds something else (never mixes two caches)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"--out {out} is a file, not a folder")
+    m = read_manifest(out) if out.is_dir() else None
+    if m is None:
+        if out.is_dir() and any(not p.name.endswith(".tmp") for p in out.iterdir()):
+            raise RecipeError(f"--out {out} exists and is not a teacher cache (no {MANIFEST}); choose an empty or new folder")
+        return None
+    diff = [f"{k}: {m.get(k)!r} there, {identity[k]!r} now" for k in IDENTITY if m.get(k) != identity[k]]
+    if diff:
+        raise MismatchError(f"{out} holds a teacher cache written with other settings ({'; '.join(diff)}); "
+                            "choose another --out, or delete that folder to replace it")
+    return m
+
+
+def bytes_per_token(manifest: dict[str, Any]) -> float:
+    """Shard bytes (headers and offsets included, the small index not) per stored row (supervised token)."""
+    shards = [e for e in manifest["shards"] if e]
+    return sum(e["bytes"] for e in shards) / max(1, sum(e["rows"] for e in shards))
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+@torch.inference_mode()
+def _shard_tensors(teacher: nn.Module, data: LMTaskData, lo: int, hi: int, k: int, dtype: torch.dtype,
+                   batch_size: int, device: torch.device, advance: Callable[[int], None]) -> dict[str, Tensor]:
+    """Top-k rows of train samples ``[lo, hi)``, in sample order, each sample's rows in position order."""
+    ids, lps, tails, lengths = [], [], [], []
+    for a in range(lo, hi, batch_size):
+        b = min(hi, a + batch_size)
+        batch = data.train.__getitems__(list(range(a, b)))
+        labels = batch["labels"]
+        seq = labels.shape[1]
+        logits = token_logits(teacher, {k_: batch[k_].to(device) for k_ in ("input_ids", "attention_mask")},
+                              data.vocab)
+        rows = _valid_rows(labels, seq).to(device)  # the losses' rows, in the same (sample, position) order
+        lp = torch.log_softmax(logits.reshape(-1, data.vocab).index_select(0, rows).float(), dim=-1)
+        top, idx = lp.topk(k, dim=-1)
+        tail = (-torch.expm1(torch.logsumexp(top, dim=-1))).clamp_(min=0.0)  # 1 − Σ p_topk, exact for tiny tails
+        ids.append(idx.to(torch.int32).cpu())
+        lps.append(top.to(dtype).cpu())
+        tails.append(tail.cpu())
+        lengths.append((labels[:, 1:] != IGNORE_INDEX).sum(1))
+        advance(b - a)
+    length = torch.cat(lengths).to(torch.int64)
+    return {"ids": torch.cat(ids).contiguous(), "logprobs": torch.cat(lps).contiguous(),
+            "tail": torch.cat(tails).contiguous(),
+            "offsets": torch.cat([torch.zeros(1, dtype=torch.int64), length.cumsum(0)]),
+            "sample": torch.arange(lo, hi, dtype=torch.int64)}
+
+
+class _Bar:
+    """A rich progress bar over samples; a no-op when disabled."""
+
+    def __init__(self, total: int, done: int, enabled: bool) -> None:
+        self.progress = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("[bold]cache-teacher"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("samples"), TimeRemainingColumn(), transient=True)
+            self.task = self.progress.add_task("cache", total=total, completed=done)
+
+    def __enter__(self) -> "_Bar":
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def advance(self, n: int) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _verified(folder: Path, entry: dict[str, Any] | None) -> bool:
+    path = folder / entry["file"] if entry else None
+    return bool(entry) and path.is_file() and path.stat().st_size == entry["bytes"] and _sha256_file(path) == entry["sha256"]
+
+
+def write_cache(
+    teacher: nn.Module,
+    data: LMTaskData,
+    out: Path,
+    top_k: int,
+    dtype: str = "float16",
+    shard_size: int = 1024,
+    batch_size: int = 32,
+    teacher_id: str = "",
+    progress: bool = True,
+    on_shard: Callable[[int], None] | None = None,
+) -> Path:
+    """Run ``teacher`` over ``data.train`` and write (or finish) the cache folder ``out``; returns it.
+
+    ``teacher_id`` names the teacher in the manifest (the CLI gives the resolved model path or the
+    teacher recipe's fingerprint); a folder written with another teacher, task, tokenizer, k, dtype or
+    shard size is refused (MismatchError), never mixed. Shards already there whose checksum verifies
+    are kept; the others are (re)computed. ``on_shard(i)`` is called after shard ``i`` is written
+    (tests use it to simulate an interruption). The teacher runs on its own device, in eval mode under
+    inference mode (its train/eval mode is restored afterwards).
+    """
+    out = Path(out)
+    _check_args(data, top_k, dtype, shard_size, batch_size)
+    ident = _identity(data, top_k, dtype, shard_size, teacher_id)
+    old = check_existing(out, ident)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # a write interrupted mid-file
+        stale.unlink()
+    n = len(data.train)
+    num_shards = math.ceil(n / shard_size)
+    shards: list[dict[str, Any] | None] = [None] * num_shards
+    if old is not None:
+        for i, entry in enumerate(old.get("shards", [])[:num_shards]):
+            if _verified(out, entry):
+                shards[i] = entry
+    kept_index = old is not None and old.get("complete") and all(shards) and _verified(out, old.get("index"))
+    if kept_index:
+        return out
+    manifest = {**ident, "complete": False, "rows": None, "shards": shards, "index": None}
+    _write_manifest(out, manifest)
+
+    try:
+        device = next(teacher.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    was_training = teacher.training
+    teacher.eval()
+    done = sum(e["samples"][1] - e["samples"][0] for e in shards if e)
+    try:
+        with _Bar(n, done, progress) as bar:
+            for i in range(num_shards):
+                if shards[i] is not None:
+                    continue
+                lo, hi = i * shard_size, min(n, (i + 1) * shard_size)
+                tensors = _shard_tensors(teacher, data, lo, hi, top_k, DTYPES[dtype], batch_size, device, bar.advance)
+                blob = st_save(tensors, metadata={"format": FORMAT})  # one key: byte-identical rewrites
+                _atomic_write(out / shard_name(i), blob)
+                shards[i] = {"file": shard_name(i), "samples": [lo, hi], "rows": int(tensors["ids"].shape[0]),
+                             "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+                _write_manifest(out, manifest)
+                if on_shard is not None:
+                    on_shard(i)
+    finally:
+        teacher.train(was_training)
+
+    # the index: per train sample, its shard and rows (read back from the verified shards' offsets)
+    shard_of, offset, length = (torch.empty(n, dtype=t) for t in (torch.int32, torch.int64, torch.int64))
+    for i, e in enumerate(shards):
+        lo, hi = e["samples"]
+        offsets = _load_shard(out, e)["offsets"]
+        shard_of[lo:hi], offset[lo:hi], length[lo:hi] = i, offsets[:-1], offsets[1:] - offsets[:-1]
+    blob = st_save({"shard": shard_of, "offset": offset, "length": length}, metadata={"format": FORMAT})
+    _atomic_write(out / INDEX, blob)
+    manifest["index"] = {"file": INDEX, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    manifest["rows"] = int(sum(e["rows"] for e in shards))
+    manifest["complete"] = True
+    _write_manifest(out, manifest)
+    return out
+
+
+def _load_shard(folder: Path, entry: dict[str, Any]) -> dict[str, Tensor]:
+    """A shard's tensors, checked against its manifest sha256 on the very bytes that are parsed."""
+    path = folder / entry["file"]
+    if not path.is_file():
+        raise CorruptCacheError(f"teacher cache {folder}: {entry['file']} is missing; {_HINT}")
+    blob = path.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
+        raise CorruptCacheError(f"teacher cache {folder}: {entry['file']} is corrupt (sha256 differs from the "
+                                f"manifest); {_HINT}")
+    return st_load(blob)
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+class TeacherCache:
+    """A verified teacher cache, read by ``lm_kd`` through :meth:`lookup`. Open with :meth:`open`."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], index: dict[str, Tensor]) -> None:
+        self.folder = Path(folder)
+        self._manifest = manifest
+        self._shard = index["shard"].long()
+        self._offset = index["offset"]
+        self._length = index["length"]
+        self._shards: dict[int, dict[str, Tensor]] = {}  # loaded shards, kept for the whole run
+
+    @classmethod
+    def open(cls, folder: Path, data: LMTaskData, verify: bool = True) -> "TeacherCache":
+        """Read ``folder``'s manifest and refuse a cache that was written for another tokenizer or
+        dataset (MismatchError), or that is incomplete or has a shard whose sha256 differs from the
+        manifest (CorruptCacheError, naming the shard). ``verify`` hashes every shard now (so a corrupt
+        cache fails before training starts); each shard is hashed again when it is loaded."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise MissingFileError(f"teacher cache {folder} does not exist; write it with `distill cache-teacher`")
+        m = read_manifest(folder)
+        if m is None:
+            raise CorruptCacheError(f"{folder} is not a teacher cache (no {MANIFEST}); write it with `distill cache-teacher`")
+        if m.get("version") != VERSION:
+            raise CorruptCacheError(f"teacher cache {folder} has format version {m.get('version')}, this distill "
+                                    f"reads version {VERSION}; re-run `distill cache-teacher`")
+        tok = tokenizer_fingerprint(data.tokenizer)
+        if m["tokenizer"] != tok:
+            raise MismatchError(f"teacher cache {folder} was written with another tokenizer (fingerprint "
+                                f"{m['tokenizer']}, the task's is {tok}); re-run `distill cache-teacher` for this task")
+        if m["dataset"] != data.fingerprint or m["num_samples"] != len(data.train):
+            raise MismatchError(f"teacher cache {folder} was written for another dataset ({m['task']} {m['dataset']}, "
+                                f"{m['num_samples']} samples; this task: {data.name} {data.fingerprint}, "
+                                f"{len(data.train)} samples); re-run `distill cache-teacher` for this task")
+        if m["k"] > data.vocab:
+            raise MismatchError(f"teacher cache {folder} keeps top-{m['k']} but the vocabulary has {data.vocab} tokens")
+        shards = m.get("shards") or []
+        if not m.get("complete") or m.get("index") is None or not all(shards):
+            have = sum(1 for e in shards if e)
+            raise CorruptCacheError(f"teacher cache {folder} is incomplete ({have} of {len(shards)} shards); "
+                                    "re-run `distill cache-teacher` with the same arguments to finish it")
+        if verify:
+            for e in shards:
+                path = folder / e["file"]
+                if not path.is_file():
+                    raise CorruptCacheError(f"teacher cache {folder}: {e['file']} is missing; {_HINT}")
+                if path.stat().st_size != e["bytes"] or _sha256_file(path) != e["sha256"]:
+                    raise CorruptCacheError(f"teacher cache {folder}: {e['file']} is corrupt (sha256 differs from "
+                                            f"the manifest); {_HINT}")
+        index = _load_shard(folder, m["index"])
+        return cls(folder, m, index)
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return dict(self._manifest)
+
+    @property
+    def k(self) -> int:
+        return int(self._manifest["k"])
+
+    def bytes_per_token(self) -> float:
+        return bytes_per_token(self._manifest)
+
+    def _get_shard(self, i: int) -> dict[str, Tensor]:
+        if i not in self._shards:
+            self._shards[i] = _load_shard(self.folder, self._manifest["shards"][i])
+        return self._shards[i]
+
+    def rows(self, sample: int) -> dict[str, Tensor]:
+        """One train sample's stored rows: ``ids`` [n, k] int32, ``logprobs`` [n, k], ``tail`` [n]."""
+        if not 0 <= sample < len(self._shard):
+            raise IndexError(f"sample {sample} is not in the cache ({len(self._shard)} samples)")
+        s = self._get_shard(int(self._shard[sample]))
+        lo = int(self._offset[sample])
+        hi = lo + int(self._length[sample])
+        return {k: s[k][lo:hi] for k in ("ids", "logprobs", "tail")}
+
+    def lookup(self, index: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """``(ids long [B, T, k], logprobs float32 [B, T, k])`` on ``labels``' device for the train samples
+        ``index`` [B]: each sample's rows at its positions ``i`` with ``labels[b, i + 1] != -100`` (the
+        positions the losses read); other positions get id 0 and log-prob −inf (never read). A sample
+        whose stored row count differs from its supervised positions in ``labels`` is an error."""
+        if labels.dim() != 2 or index.shape != labels.shape[:1]:
+            raise ValueError(f"index [B] and labels [B, T] expected, got {list(index.shape)} and {list(labels.shape)}")
+        batch, seq = labels.shape
+        idx = index.detach().long().cpu()
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(self._shard)):
+            raise MismatchError(f"teacher cache {self.folder} holds samples 0..{len(self._shard) - 1}, the batch "
+                                f"asks for {idx.tolist()}")
+        valid = (labels[:, 1:] != IGNORE_INDEX).cpu()
+        counts, stored = valid.sum(1), self._length[idx]
+        bad = (counts != stored).nonzero().flatten()
+        if len(bad):
+            b = int(bad[0])
+            raise MismatchError(f"teacher cache {self.folder}: sample {int(idx[b])} has {int(stored[b])} cached "
+                                f"positions but {int(counts[b])} supervised positions in the batch; the cache was "
+                                "written for other labels: re-run `distill cache-teacher` for this task")
+        k = self.k
+        ids = torch.zeros(batch * seq, k, dtype=torch.long)
+        lps = torch.full((batch * seq, k), float("-inf"), dtype=torch.float32)
+        if int(counts.sum()):
+            parts = [self.rows(int(i)) for i in idx]
+            pos = _valid_rows(labels.cpu(), seq)  # sample-major, as the rows were written
+            ids[pos] = torch.cat([p["ids"] for p in parts]).long()
+            lps[pos] = torch.cat([p["logprobs"] for p in parts]).float()
+        dev = labels.device
+        return ids.view(batch, seq, k).to(dev, non_blocking=True), lps.view(batch, seq, k).to(dev, non_blocking=True)
+
+
+
+# ------------------------------------------------------------------------------------- from a recipe
+
+
+def cache_from_recipe(recipe: Any, out: Path, top_k: int, dtype: str = "float16", shard_size: int = 1024,
+                      batch_size: int = 32, runs: Path = Path("runs"), progress: bool = True,
+                      device: str | None = None) -> Path:
+    """``distill cache-teacher``: the recipe's task and teacher, resolved exactly as a run resolves them
+    (a teacher recipe is trained once and kept under ``<runs>/_teachers``), cached into ``out``.
+
+    The teacher's identity in the manifest is the teacher recipe's name and fingerprint, or the
+    resolved path of its run or model folder. ``device`` defaults to CUDA when available.
+    """
+    from distill.core.runner import build_task, resolve_teacher, task_ops, teacher_recipe
+    from distill.lm.models import check_vocab
+
+    ref = recipe.teacher
+    if ref is None:
+        raise RecipeError(f"recipe '{recipe.name}' has no teacher: cache-teacher needs 'teacher: {{recipe: ...}}', "
+                          "'teacher: {run: ...}' or 'teacher: {model: ...}'")
+    if ref.cache is not None:
+        raise RecipeError(f"recipe '{recipe.name}' already trains from a teacher cache (teacher.cache); give the "
+                          "teacher to cache as recipe, run or model")
+    data = build_task(recipe)
+    if not isinstance(data, LMTaskData):
+        raise RecipeError(f"cache-teacher is for language-model tasks; '{recipe.task.name}' is a classifier task")
+    _check_args(data, top_k, dtype, shard_size, batch_size)
+    t = teacher_recipe(recipe)
+    if t is not None:
+        teacher_id = f"recipe:{t.name}-{t.fingerprint()}"
+    else:
+        key, value = ("run", ref.run) if ref.run is not None else ("model", ref.model)
+        teacher_id = f"{key}:{recipe.path(value).resolve()}"
+    check_existing(Path(out), _identity(data, top_k, dtype, shard_size, teacher_id))  # before training a teacher
+    ops = task_ops(data)
+    teacher = ops.load_model(resolve_teacher(recipe, Path(runs), progress))
+    check_vocab(teacher, data.tokenizer, "teacher")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return write_cache(teacher.to(dev), data, Path(out), top_k, dtype, shard_size, batch_size, teacher_id, progress)
