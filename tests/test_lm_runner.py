@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from distill.cli import app
 from distill.core.recipe import load_recipe, recipe_from_dict, shipped_recipes
 from distill.core.runner import load_student, run_recipe
-from distill.errors import MismatchError
+from distill.errors import MismatchError, RecipeError
 from distill.lm import arithmetic as ar
 from distill.lm.losses import token_cross_entropy
 from distill.lm.models import token_logits
@@ -192,3 +192,43 @@ def test_every_shipped_lm_recipe_runs_shortened(name, tmp_path):
     res = run_recipe(r, out=tmp_path / "runs")
     assert res.metrics["test/perplexity"] > 1.0
     assert ("test/exact_match" in res.metrics) == (r.task.name == "arithmetic")
+
+
+def test_records_from_a_saved_datasets_folder(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from distill.lm.text import load_records
+
+    rows = {"prompt": ["1+1\n", "2+3\n"], "completion": ["#2", "#5"]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ds"))
+    recs = load_records(tmp_path / "ds")
+    assert [(r.prompt, r.completion) for r in recs] == list(zip(rows["prompt"], rows["completion"]))
+    datasets.Dataset.from_dict({"x": ["a"]}).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(RecipeError, match="columns"):
+        load_records(tmp_path / "bad")
+
+
+def test_arch_of_the_wrong_family_is_a_clear_error(tmp_path):
+    with pytest.raises(RecipeError, match="language model"):
+        run_recipe(recipe_from_dict({"name": "x", "task": "mnist1d", "student": TINY, "method": "ce",
+                                     "train": TRAIN}), out=tmp_path)
+    with pytest.raises(RecipeError, match="not a language model"):
+        run_recipe(recipe_from_dict(recipe("y", student={"arch": "mlp"})), out=tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_token_and_sequence_logprobs_match_a_direct_loop():
+    from distill.lm.losses import sequence_logprob, token_logprobs
+
+    torch.manual_seed(1)
+    logits = torch.randn(2, 5, 6, dtype=torch.float64)
+    labels = torch.tensor([[-100, 2, 3, -100, -100], [-100, -100, 5, 0, 1]])
+    lp, mask = token_logprobs(logits, labels, temperature=2.0)
+    for b in range(2):
+        total, n = 0.0, 0
+        for i in range(4):
+            y = labels[b, i + 1].item()
+            want = torch.log_softmax(logits[b, i] / 2.0, -1)[y].item() if y != -100 else 0.0
+            assert lp[b, i].item() == pytest.approx(want, abs=1e-6) and bool(mask[b, i]) == (y != -100)
+            total, n = total + want, n + (y != -100)
+        assert sequence_logprob(logits, labels, temperature=2.0)[b].item() == pytest.approx(total, abs=1e-6)
+        assert sequence_logprob(logits, labels, True, 2.0)[b].item() == pytest.approx(total / n, abs=1e-6)

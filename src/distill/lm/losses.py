@@ -57,8 +57,10 @@ __all__ = [
     "TAILS",
     "fused_sparse_token_divergence",
     "fused_token_divergence",
+    "sequence_logprob",
     "sparse_token_divergence",
     "token_cross_entropy",
+    "token_logprobs",
     "token_divergence",
     "token_taid_loss",
 ]
@@ -582,3 +584,27 @@ def token_taid_loss(
     log_q = F.log_softmax(s / temperature if temperature != 1.0 else s, dim=-1)
     total = -(p_t * log_q).masked_fill(p_t == 0, 0.0).sum()  # p_t = 0 (e.g. a -inf logit): exactly 0
     return _reduce(total, rows.numel(), num_items)
+
+
+def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Log-probabilities of the label tokens under ``logits / temperature`` with the causal shift:
+    ``(logp [batch, seq-1], mask [batch, seq-1])`` where ``logp[:, i] = log softmax(logits[:, i])[labels[:, i+1]]``
+    and ``mask`` marks labels that are not ``-100`` (masked positions hold 0). In float32; the
+    gradient flows to ``logits``. The building block of sequence-level and policy objectives
+    (``docs/conventions.md``, "Sequence and policy objectives")."""
+    batch, seq, _ = logits.shape
+    _check_labels(labels, batch, seq, "logits")
+    target = labels[:, 1:]
+    mask = target != IGNORE_INDEX
+    lp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    lp = lp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return lp.masked_fill(~mask, 0.0), mask
+
+
+def sequence_logprob(logits: Tensor, labels: Tensor, normalize: bool = False, temperature: float = 1.0) -> Tensor:
+    """``[batch]``: the sum over each sequence's supervised tokens of their log-probabilities (the
+    conventions' sequence log-prob), or their mean with ``normalize=True`` (length-normalised; a
+    sequence with no supervised token gives 0)."""
+    lp, mask = token_logprobs(logits, labels, temperature)
+    total = lp.sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if normalize else total

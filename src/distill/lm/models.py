@@ -14,6 +14,8 @@ to a multiple of 64 or 128, as many hub models do) are cut by :func:`token_logit
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +100,20 @@ def build_lm(spec: dict[str, Any], tokenizer: Any) -> nn.Module:
     return model
 
 
+@contextmanager
+def quiet_hf() -> Iterator[None]:
+    """No transformers progress bars (a bar per tiny weight file is noise beside the run's own)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def load_causal_lm(folder: str | Path, trust_remote_code: bool = False) -> nn.Module:
     """An HF causal LM from a model folder, or from a run folder (its ``student/``)."""
     from transformers import AutoModelForCausalLM
@@ -108,7 +124,8 @@ def load_causal_lm(folder: str | Path, trust_remote_code: bool = False) -> nn.Mo
     if not (path / "config.json").is_file():
         raise MissingFileError(f"{path} is not a model folder (no config.json)")
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        with quiet_hf():
+            return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise MissingFileError(f"cannot load a causal LM from {path}: {str(err).splitlines()[0]}") from None
 

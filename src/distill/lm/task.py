@@ -114,7 +114,8 @@ class LMTaskData:
     def save_model(self, folder: Path, model: nn.Module, spec: dict[str, Any] | None) -> None:
         """HF layout (``config.json`` + ``model.safetensors`` + the tokenizer): loads with
         ``AutoModelForCausalLM.from_pretrained(folder)`` and ``AutoTokenizer.from_pretrained(folder)``."""
-        model.save_pretrained(str(folder), safe_serialization=True)
+        with models.quiet_hf():
+            model.save_pretrained(str(folder), safe_serialization=True)
         self.tokenizer.save_pretrained(str(folder))
 
     def check_models(self, student: nn.Module, teacher: nn.Module | None) -> None:

@@ -18,7 +18,7 @@ from distill.core.registry import TASKS, Params
 from distill.errors import MissingFileError, RecipeError
 from distill.lm import arithmetic as ar
 from distill.lm.task import LMTaskData, TokenDataset, tokenizer_fingerprint
-from distill.lm.text import Example, encode_records, load_jsonl
+from distill.lm.text import Example, encode_records, load_records
 
 DEFAULT_STUDENT = {"arch": "llama", "hidden": 64, "layers": 2, "heads": 4}
 
@@ -119,7 +119,7 @@ build_pytext_task.default_student = DEFAULT_STUDENT  # type: ignore[attr-defined
 
 
 class JsonlParams(Params):
-    train: str = Field(description="JSONL with prompt/completion or text fields")
+    train: str = Field(description="JSONL with prompt/completion or text fields, or a datasets save_to_disk folder")
     val: str | None = Field(None, description="default: split from train")
     test: str | None = Field(None, description="default: split from train")
     tokenizer: str = Field(description="an HF tokenizer folder (usually the teacher's model folder)")
@@ -132,10 +132,15 @@ class JsonlParams(Params):
 
 
 def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if f.is_file():
+            h.update(f.relative_to(path).as_posix().encode() if path.is_dir() else b"")
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
-@TASKS.register("jsonl", "your own data: JSONL with prompt/completion (exact match vs the reference) or text (LM)",
+@TASKS.register("jsonl", "your own data: JSONL (or a datasets folder) with prompt/completion or text (LM)",
                 JsonlParams)
 def build_jsonl(p: JsonlParams) -> LMTaskData:
     """Paths are relative to the working directory. Prompt/completion data gets exact match of the
@@ -151,7 +156,7 @@ def build_jsonl(p: JsonlParams) -> LMTaskData:
     if tok.eos_token_id is None:
         raise RecipeError(f"the tokenizer in {tok_dir} has no eos token")
     paths = {k: getattr(p, k) for k in ("train", "val", "test")}
-    records = {k: load_jsonl(Path(v).expanduser()) for k, v in paths.items() if v is not None}
+    records = {k: load_records(Path(v).expanduser()) for k, v in paths.items() if v is not None}
     rng = random.Random(p.split_seed)
     train = records["train"]
     order = list(range(len(train)))

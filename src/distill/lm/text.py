@@ -216,6 +216,36 @@ def load_jsonl(path: str | Path) -> list[TextRecord]:
     return records
 
 
+def load_records(path: str | Path) -> list[TextRecord]:
+    """A JSONL file (:func:`load_jsonl`) or a folder written by HF ``datasets``' ``save_to_disk`` (a
+    ``Dataset`` with ``prompt`` and ``completion`` or ``text`` columns; a ``DatasetDict`` needs its
+    split's subfolder). The folder form needs ``pip install datasets``."""
+    p = Path(path)
+    if not p.is_dir():
+        return load_jsonl(p)
+    try:
+        from datasets import Dataset, load_from_disk
+    except ImportError:
+        raise RecipeError(f"{p} is a folder: reading a saved HF dataset needs `pip install datasets`") from None
+    try:
+        ds = load_from_disk(str(p))
+    except (FileNotFoundError, ValueError) as err:
+        raise RecipeError(f"{p}: not a dataset saved with save_to_disk ({str(err).splitlines()[0]})") from None
+    if not isinstance(ds, Dataset):
+        raise RecipeError(f"{p} holds several splits ({', '.join(ds)}); give the split's folder, e.g. {p / next(iter(ds))}")
+    cols = set(ds.column_names)
+    if {"prompt", "completion"} <= cols:
+        records = [TextRecord(prompt=r["prompt"], completion=r["completion"]) for r in ds]
+    elif "text" in cols:
+        records = [TextRecord(text=r["text"]) for r in ds]
+    else:
+        raise RecipeError(f"{p}: needs columns 'prompt' and 'completion', or 'text' (has: {', '.join(sorted(cols))})")
+    bad = next((r for r in records for v in (r.prompt, r.completion, r.text) if v is not None and not isinstance(v, str)), None)
+    if bad is not None or not records:
+        raise RecipeError(f"{p}: every field must be a string and the dataset non-empty")
+    return records
+
+
 def encode_records(records: Sequence[TextRecord], tokenizer: Any, max_length: int | None = None) -> list[Example]:
     """Encode records with an HF tokenizer: prompt and completion are tokenized separately (so the
     boundary is exact) without the tokenizer's own special tokens; ``bos``/``eos`` are added here

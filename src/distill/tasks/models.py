@@ -12,6 +12,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from distill.core.registry import ARCHS, Params
+from distill.errors import RecipeError
 
 
 class Classifier(nn.Module):
@@ -87,4 +88,6 @@ def cnn2d(p: CNNParams, input_shape: tuple[int, ...], num_classes: int) -> Class
 
 def build_model(arch: str, params: dict, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     entry = ARCHS.get(arch)
+    if getattr(entry.obj, "family", None) == "lm":
+        raise RecipeError(f"student.arch '{arch}' is a language model; this task is a classifier (see `distill list`)")
     return entry.obj(entry.params.model_validate(params), input_shape, num_classes)
