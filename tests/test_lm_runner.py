@@ -232,3 +232,14 @@ def test_token_and_sequence_logprobs_match_a_direct_loop():
             total, n = total + want, n + (y != -100)
         assert sequence_logprob(logits, labels, temperature=2.0)[b].item() == pytest.approx(total, abs=1e-6)
         assert sequence_logprob(logits, labels, True, 2.0)[b].item() == pytest.approx(total / n, abs=1e-6)
+
+
+def test_init_starts_the_student_from_a_trained_run(tmp_path):
+    base = recipe("base")
+    first = run_recipe(recipe_from_dict(base), out=tmp_path)
+    r = {k: v for k, v in recipe("cont", init={"recipe": base}, train={**TRAIN, "lr": 1e-12}).items() if k != "student"}
+    res = run_recipe(recipe_from_dict(r), out=tmp_path)  # a vanishing learning rate: the same model
+    assert res.metrics["test/nll"] == pytest.approx(first.metrics["test/nll"], rel=1e-6)
+    assert (tmp_path / "_teachers").is_dir()  # the init recipe was trained once, cached like teachers
+    with pytest.raises(RecipeError, match="not both"):
+        recipe_from_dict(recipe("both", init={"run": str(first.run_dir)}))

@@ -11,7 +11,7 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -71,25 +71,30 @@ class Component(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class TeacherRef(Strict):
-    """Exactly one of: ``recipe`` (trained once, cached by fingerprint), ``run`` (a finished run folder),
-    ``model`` (a model folder, e.g. an HF ``save_pretrained`` directory) or ``cache`` (an offline
-    teacher cache written by ``distill cache-teacher``)."""
+class ModelRef(Strict):
+    """A model to start from, exactly one of: ``recipe`` (trained once, cached by fingerprint), ``run``
+    (a finished run folder) or ``model`` (a model folder, e.g. an HF ``save_pretrained`` directory)."""
 
     recipe: str | dict[str, Any] | None = None
     run: str | None = None
     model: str | None = None
-    cache: str | None = None
+
+    _kinds: ClassVar[tuple[str, ...]] = ("recipe", "run", "model")
 
     @model_validator(mode="after")
-    def _one(self) -> "TeacherRef":
-        given = [k for k in ("recipe", "run", "model", "cache") if getattr(self, k) is not None]
+    def _one(self) -> "ModelRef":
+        given = [k for k in self._kinds if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(
-                "give exactly one of 'recipe' (trained once, cached), 'run' (a run folder), "
-                f"'model' (a model folder) or 'cache' (a teacher cache folder); got {given or 'none'}"
-            )
+            raise ValueError(f"give exactly one of {', '.join(repr(k) for k in self._kinds)}; got {given or 'none'}")
         return self
+
+
+class TeacherRef(ModelRef):
+    """The teacher: a ``ModelRef``, or ``cache`` (an offline teacher cache written by ``distill cache-teacher``)."""
+
+    cache: str | None = None
+
+    _kinds: ClassVar[tuple[str, ...]] = ("recipe", "run", "model", "cache")
 
 
 class Recipe(Strict):
@@ -98,9 +103,16 @@ class Recipe(Strict):
     task: Component
     student: Component | None = None
     teacher: TeacherRef | None = None
+    init: ModelRef | None = Field(None, description="start the student from these weights (its arch is then theirs)")
     method: Component
     train: TrainConfig = Field(default_factory=TrainConfig)
     base_dir: str = Field(".", exclude=True, description="folder that relative paths resolve against")
+
+    @model_validator(mode="after")
+    def _student_or_init(self) -> "Recipe":
+        if self.init is not None and self.student is not None:
+            raise ValueError("give either 'student' (a fresh model) or 'init' (start from trained weights), not both")
+        return self
 
     def resolved(self) -> dict[str, Any]:
         """Every default filled in: what is written to recipe.yaml."""

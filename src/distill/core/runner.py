@@ -120,8 +120,9 @@ def student_spec(recipe: Recipe, data: Any = None) -> dict[str, Any]:
     return {"name": default.pop("arch"), "params": default}
 
 
-def teacher_recipe(recipe: Recipe) -> Recipe | None:
-    ref = recipe.teacher
+def ref_recipe(recipe: Recipe, key: str = "teacher") -> Recipe | None:
+    """The recipe a ``teacher``/``init`` reference names, if it names one."""
+    ref = getattr(recipe, key)
     if ref is None or ref.recipe is None:
         return None
     if isinstance(ref.recipe, dict):
@@ -129,36 +130,46 @@ def teacher_recipe(recipe: Recipe) -> Recipe | None:
     return load_recipe(ref.recipe, base_dir=recipe.base_dir)
 
 
+def teacher_recipe(recipe: Recipe) -> Recipe | None:
+    return ref_recipe(recipe, "teacher")
+
+
 def resolved_recipe(recipe: Recipe) -> dict[str, Any]:
-    """The recipe with defaults filled and the teacher made self-contained (inlined recipe or
+    """The recipe with defaults filled and the teacher and init made self-contained (inlined recipe or
     absolute path), so a run folder's recipe.yaml re-runs from anywhere."""
     d = recipe.resolved()
-    t = teacher_recipe(recipe)
-    if t is not None:
-        d["teacher"] = {**d["teacher"], "recipe": t.resolved()}
-    elif recipe.teacher is not None:
-        d["teacher"] = {k: (str(recipe.path(v).resolve()) if v is not None else None) for k, v in d["teacher"].items()}
+    for key in ("teacher", "init"):
+        t = ref_recipe(recipe, key)
+        if t is not None:
+            d[key] = {**d[key], "recipe": t.resolved()}
+        elif getattr(recipe, key) is not None:
+            d[key] = {k: (str(recipe.path(v).resolve()) if v is not None else None) for k, v in d[key].items()}
     return d
 
 
-def resolve_teacher(recipe: Recipe, out: Path, progress: bool) -> Path | None:
-    """The folder of the teacher model: given (a run or model folder), or trained from its recipe once
-    (cached). None without a teacher, and for an offline cache (see ``teacher_cache_dir``)."""
-    ref = recipe.teacher
-    if ref is None or ref.cache is not None:
+def resolve_model(recipe: Recipe, out: Path, progress: bool, key: str = "teacher") -> Path | None:
+    """The folder of the ``teacher`` (or ``init``) model: given (a run or model folder), or trained from
+    its recipe once (cached in ``<out>/_teachers``). None when absent, and for an offline teacher cache
+    (see ``teacher_cache_dir``)."""
+    ref = getattr(recipe, key)
+    if ref is None or getattr(ref, "cache", None) is not None:
         return None
     if ref.run is not None or ref.model is not None:
-        key, value = ("run", ref.run) if ref.run is not None else ("model", ref.model)
+        kind, value = ("run", ref.run) if ref.run is not None else ("model", ref.model)
         path = recipe.path(value)
         if not path.is_dir():
-            what = "run folder" if key == "run" else "model folder"
-            raise MissingFileError(f"teacher.{key}: {what} {path} does not exist")
+            what = "run folder" if kind == "run" else "model folder"
+            raise MissingFileError(f"{key}.{kind}: {what} {path} does not exist")
         return path
-    teacher = teacher_recipe(recipe)
-    cached = out / "_teachers" / f"{teacher.name}-{teacher.fingerprint()}"
+    base = ref_recipe(recipe, key)
+    cached = out / "_teachers" / f"{base.name}-{base.fingerprint()}"
     if not (cached / "metrics.json").is_file():
-        run_recipe(teacher, out=cached.parent, name=cached.name, progress=progress)
+        run_recipe(base, out=cached.parent, name=cached.name, progress=progress)
     return cached
+
+
+def resolve_teacher(recipe: Recipe, out: Path, progress: bool) -> Path | None:
+    return resolve_model(recipe, out, progress, "teacher")
 
 
 def teacher_cache_dir(recipe: Recipe) -> Path | None:
@@ -169,6 +180,13 @@ def teacher_cache_dir(recipe: Recipe) -> Path | None:
     if not path.is_dir():
         raise MissingFileError(f"teacher.cache: {path} does not exist; write it with `distill cache-teacher`")
     return path
+
+
+def _saved_spec(folder: Path) -> dict[str, Any] | None:
+    """The registered arch a classifier run folder was saved with (so its student saves again)."""
+    cfg = (folder / "student" / "config.json") if (folder / "student").is_dir() else folder / "config.json"
+    d = json.loads(cfg.read_text()) if cfg.is_file() else {}
+    return {"name": d["arch"], "params": d["params"]} if d.get("arch") else None
 
 
 def check_classes(model: nn.Module, num_classes: int, who: str) -> None:
@@ -273,9 +291,13 @@ def run_recipe(
     if teacher_dir is not None:
         teacher = ops.load_model(teacher_dir)
     cache_dir = teacher_cache_dir(recipe)
-    seed_everything(recipe.seed)
     spec = None
-    if student is None:
+    init_dir = resolve_model(recipe, out, recipe.train.progress, "init") if student is None else None
+    seed_everything(recipe.seed)
+    if init_dir is not None:
+        student = ops.load_model(init_dir)
+        spec = _saved_spec(init_dir)
+    elif student is None:
         spec = student_spec(recipe, data)
         student = ops.build_model(spec)
     ops.check_models(student, teacher)
