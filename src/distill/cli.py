@@ -86,6 +86,91 @@ def cache_teacher(
                       f"{bytes_per_token(m):.1f} bytes/token", highlight=False, soft_wrap=True)
 
 
+def _floats(items: list[str], what: str) -> list[float]:
+    """``--weights 0.3 --weights 0.7``, ``--weights 0.3,0.7`` or ``--weights "0.3 0.7"``."""
+    from distill.errors import RecipeError
+
+    parts = [p for item in items for p in item.replace(",", " ").split()]
+    try:
+        return [float(p) for p in parts]
+    except ValueError:
+        raise RecipeError(f"{what}: expected numbers, got {' '.join(parts)!r}") from None
+
+
+@app.command()
+def merge(
+    models: list[Path] = typer.Argument(..., help="model or run folders of one architecture"),
+    weights: list[str] = typer.Option([], "--weights", help="one weight per model, e.g. --weights 0.3,0.7 "
+                                      "(normalised to sum to 1; default: equal)"),
+    out: Path = typer.Option(..., "--out", help="the merged HF model folder"),
+    base: Optional[Path] = typer.Option(None, "--stage-two", "--base",
+                                        help="BAI stage two: merge the stage-one result with this (pretrained) model"),
+    base_weight: Optional[float] = typer.Option(None, "--base-weight",
+                                                help="the base model's share in stage two, in [0, 1]"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out folder"),
+) -> None:
+    """Weighted merge of checkpoints (S33 BAI): stage 1 sum_i w_i theta_i; with --stage-two BASE,
+    stage 2 (1 - b) theta_merge + b theta_BASE, b = --base-weight."""
+    from distill.errors import RecipeError
+    from distill.lm.merge import merge_models
+
+    try:
+        w = _floats(weights, "--weights") if weights else [1.0] * len(models)
+        if (base is None) != (base_weight is None):
+            raise RecipeError("--stage-two BASE and --base-weight go together")
+        folder = merge_models(models, w, out, base, base_weight, overwrite=overwrite)
+    except DistillError as err:
+        _fail(err)
+    total = sum(w)
+    shown = ", ".join(f"{m} × {x / total:.4g}" for m, x in zip(models, w))
+    stage_two = f"; stage two: base {base} × {base_weight:.4g}" if base is not None else ""
+    out_console.print(f"{folder}: {shown}{stage_two}", highlight=False, soft_wrap=True)
+
+
+@app.command("analyze-traces")
+def analyze_traces(
+    teacher: list[Path] = typer.Option(..., "--teacher", help="a teacher run or model folder (sampled here), or a "
+                                       "trace JSONL with prompt/completion; repeat for several"),
+    out: Path = typer.Option(..., "--out", help="folder for traces_report.md, traces.csv, traces.png, traces/"),
+    task: str = typer.Option("arithmetic", "--task", help="a language-model task with prompts and a verifier"),
+    set_: list[str] = typer.Option([], "--set", help="a task parameter, e.g. --set num_train=500"),
+    student: Optional[Path] = typer.Option(None, "--student", help="score the traces' perplexity under this model"),
+    samples: int = typer.Option(4, "--samples", min=1, help="traces per prompt"),
+    prompts: int = typer.Option(64, "--prompts", min=1, help="the first N prompts of the split"),
+    split: str = typer.Option("train", "--split", help="train | val | test"),
+    temperature: float = typer.Option(1.0, "--temperature", min=1e-6),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="default: the task's"),
+    seed: int = typer.Option(0, "--seed"),
+    sft_k: int = typer.Option(0, "--sft-k", min=0, help="write sft.jsonl: up to K diverse correct traces per prompt"),
+    sft_from: str = typer.Option("best", "--sft-from", help="best | all | a teacher label"),
+) -> None:
+    """Per teacher: trace lengths, diversity, correctness and perplexity under the student; teachers
+    ranked; optionally diverse verified traces as SFT data (S51 source analysis, S19 DED)."""
+    from distill.errors import RecipeError
+    from distill.lm.traces import analyze_traces as analyze
+    from distill.lm.traces import build_lm_task
+
+    try:
+        if split not in ("train", "val", "test"):
+            raise RecipeError(f"--split '{split}': use train, val or test")
+        data = build_lm_task(task, set_)
+        rep = analyze(teacher, data, out, student=student, split=split, num_prompts=prompts, samples=samples,
+                      temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, sft_k=sft_k,
+                      sft_from=sft_from,
+                      on_teacher=lambda t: err_console.print(f"  sampling/reading {t}", highlight=False))
+    except DistillError as err:
+        _fail(err)
+    table = Table(title=f"teachers, best first ({out}/traces_report.md)")
+    cols = ("rank", "teacher", "accuracy", "len_mean", "len_cv", "pairwise_diversity", "student_ppl_correct")
+    for c in cols:
+        table.add_column(c, justify="left" if c == "teacher" else "right")
+    for r in rep.rows:
+        table.add_row(*(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+    out_console.print(table)
+    if rep.sft_path is not None:
+        out_console.print(f"{rep.sft_path}: {rep.sft_records} SFT records", highlight=False)
+
+
 @app.command("list")
 def list_() -> None:
     """Methods, tasks, architectures, shipped recipes and suites, one line each."""

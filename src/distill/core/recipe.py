@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from distill.core.registry import ARCHS, METHODS, TASKS, Params, Registry
 from distill.errors import MissingFileError, RecipeError, did_you_mean
@@ -22,6 +22,19 @@ from distill.errors import MissingFileError, RecipeError, did_you_mean
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # keys added after recipes were first fingerprinted: left out of dumps while unset (None), so
+    # recipes that do not use them keep their fingerprints (cached teachers, reuse of finished runs)
+    _optional: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_optional(self, handler: Any) -> Any:
+        d = handler(self)
+        if isinstance(d, dict):
+            for k in self._optional:
+                if d.get(k, 0) is None:
+                    d.pop(k)
+        return d
 
 
 class EarlyStopping(Strict):
@@ -33,6 +46,30 @@ class EarlyStopping(Strict):
 class GroupOverride(Strict):
     lr: float | None = Field(None, gt=0)
     weight_decay: float | None = Field(None, ge=0)
+
+
+class SamplerConfig(Strict):
+    """Which training examples each optimizer step draws (``core/sampler.py``); absent: a fresh permutation
+    of the training set every epoch. ``domains``: a fixed mixture over the task's domains (``weights``);
+    ``ddk``: DDK's mixture (S48), re-weighted every ``every`` steps from the student/teacher perplexity
+    ratio per domain on the validation split (``distill.lm.ddk``)."""
+
+    name: Literal["domains", "ddk"]
+    weights: dict[str, float] | None = Field(
+        None, description="domains: weight per domain name (missing names: 0; default uniform)")
+    every: int = Field(50, ge=1, description="optimizer steps per interval (ddk: K, the re-weighting period)")
+    smoothing: float = Field(0.5, ge=0, le=1, description="ddk: α of the factor-smooth update (S48 Eq. 2)")
+    eval_batches: int | None = Field(
+        None, ge=1, description="ddk: validation batches (of train.batch_size) per domain; default all")
+
+    @model_validator(mode="after")
+    def _weights(self) -> "SamplerConfig":
+        if self.weights is not None:
+            if self.name == "ddk":
+                raise ValueError("ddk computes the domain weights itself; remove 'weights'")
+            if any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
+                raise ValueError("weights must be >= 0 with a positive sum")
+        return self
 
 
 class TrainConfig(Strict):
@@ -62,6 +99,10 @@ class TrainConfig(Strict):
     cache_teacher: bool = Field(True, description="precompute a frozen teacher's logits on the training set once")
     trackers: Literal["auto", "none", "tensorboard"] = "auto"
     progress: bool = True
+    sampler: SamplerConfig | None = Field(None, description="domain-mixture sampling (default: epoch permutations)")
+
+    _optional: ClassVar[tuple[str, ...]] = ("sampler",)
+
 
 
 class Component(Strict):
@@ -73,13 +114,16 @@ class Component(Strict):
 
 class ModelRef(Strict):
     """A model to start from, exactly one of: ``recipe`` (trained once, cached by fingerprint), ``run``
-    (a finished run folder) or ``model`` (a model folder, e.g. an HF ``save_pretrained`` directory)."""
+    (a finished run folder), ``model`` (a model folder, e.g. an HF ``save_pretrained`` directory) or
+    ``merge`` (a weighted merge of such models, S33 BAI; see ``MergeRef``)."""
 
     recipe: str | dict[str, Any] | None = None
     run: str | None = None
     model: str | None = None
+    merge: MergeRef | None = None
 
-    _kinds: ClassVar[tuple[str, ...]] = ("recipe", "run", "model")
+    _kinds: ClassVar[tuple[str, ...]] = ("recipe", "run", "model", "merge")
+    _optional: ClassVar[tuple[str, ...]] = ("model", "merge", "cache")
 
     @model_validator(mode="after")
     def _one(self) -> "ModelRef":
@@ -89,12 +133,47 @@ class ModelRef(Strict):
         return self
 
 
+
+class MergeRef(Strict):
+    """S33 BAI (``distill.lm.merge``): stage 1 ``Σ_i w_i θ_i`` over ``models`` (weights normalised to sum
+    to 1), then, when ``base`` is given, stage 2 ``(1 − base_weight)·θ_merge + base_weight·θ_base``. Merged
+    once and cached under ``<out>/_teachers/merge-<fingerprint>``."""
+
+    models: list[ModelRef] = Field(min_length=1, description="models of one architecture (any model reference)")
+    weights: list[float] = Field(description="one weight >= 0 per model; normalised to sum to 1")
+    base: ModelRef | None = Field(None, description="stage two: the pretrained model merged back in")
+    base_weight: float | None = Field(None, ge=0, le=1, description="the base model's share in stage two")
+
+    @model_validator(mode="after")
+    def _weights(self) -> "MergeRef":
+        if len(self.weights) != len(self.models):
+            raise ValueError(f"{len(self.weights)} weights for {len(self.models)} models; give one weight per model")
+        if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+            raise ValueError("weights must be >= 0 with a positive sum")
+        if (self.base is None) != (self.base_weight is None):
+            raise ValueError("stage two needs both 'base' and 'base_weight' (or neither)")
+        return self
+
+
+ModelRef.model_rebuild()
+
+
 class TeacherRef(ModelRef):
     """The teacher: a ``ModelRef``, or ``cache`` (an offline teacher cache written by ``distill cache-teacher``)."""
 
     cache: str | None = None
 
-    _kinds: ClassVar[tuple[str, ...]] = ("recipe", "run", "model", "cache")
+    _kinds: ClassVar[tuple[str, ...]] = ("recipe", "run", "model", "merge", "cache")
+
+
+class Stage(Strict):
+    """One stage of a staged recipe (S24 AceReason's curricula; ``core/stages.py``): the base recipe with
+    ``method`` replaced, ``train`` merged key by key, then the ``set`` overrides (``--set`` syntax)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    set: list[str] = Field(default_factory=list, description="overrides of the base recipe: key.path=value")
+    train: dict[str, Any] = Field(default_factory=dict, description="this stage's train keys (merged into the base's)")
+    method: str | dict[str, Any] | None = Field(None, description="this stage's method (replaces the base's)")
 
 
 class Recipe(Strict):
@@ -106,13 +185,21 @@ class Recipe(Strict):
     init: ModelRef | None = Field(None, description="start the student from these weights (its arch is then theirs)")
     method: Component
     train: TrainConfig = Field(default_factory=TrainConfig)
+    stages: list[Stage] | None = Field(None, description="train in stages, each from the previous one's student")
     base_dir: str = Field(".", exclude=True, description="folder that relative paths resolve against")
+
+    _optional: ClassVar[tuple[str, ...]] = ("init", "stages")
 
     @model_validator(mode="after")
     def _student_or_init(self) -> "Recipe":
         if self.init is not None and self.student is not None:
             raise ValueError("give either 'student' (a fresh model) or 'init' (start from trained weights), not both")
+        if self.stages is not None:
+            names = [s.name for s in self.stages]
+            if not names or len(set(names)) != len(names):
+                raise ValueError(f"stages need distinct names, at least one; got {names}")
         return self
+
 
     def resolved(self) -> dict[str, Any]:
         """Every default filled in: what is written to recipe.yaml."""
@@ -199,9 +286,14 @@ def recipe_from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> Recipe
             raise RecipeError(f"recipe key '{required}' is missing")
     data["base_dir"] = str(base_dir)
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError(_format(err, "", Recipe)) from None
+    if recipe.stages:  # every stage is a valid recipe before anything trains
+        from distill.core.stages import stage_recipes  # stages builds on this module
+
+        stage_recipes(recipe)
+    return recipe
 
 
 def shipped_recipe(name: str) -> Path | None:

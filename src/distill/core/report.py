@@ -50,8 +50,11 @@ def plot_curves(path: Path, history: list[dict[str, Any]]) -> None:
     plt = pyplot()
     extra = [k for k in LOSSES if series(history, k)[0]]
     fig, axes = plt.subplots(1, 2 + len(extra), figsize=(5 * (2 + len(extra)), 3.6))
-    axes[0].plot(*series(history, "train/loss"), label="train loss")
-    axes[0].set_xlabel("step"), axes[0].set_title("training loss"), axes[0].set_yscale("log")
+    xs, ys = series(history, "train/loss")
+    axes[0].plot(xs, ys, label="train loss")
+    # policy objectives can be zero or negative: a log axis only where every loss is positive
+    axes[0].set_xlabel("step"), axes[0].set_title("training loss")
+    axes[0].set_yscale("log" if ys and min(ys) > 0 else "symlog")
     for key in RATES:
         xs, ys = series(history, key)
         if xs:

@@ -142,6 +142,10 @@ def resolved_recipe(recipe: Recipe) -> dict[str, Any]:
         t = ref_recipe(recipe, key)
         if t is not None:
             d[key] = {**d[key], "recipe": t.resolved()}
+        elif getattr(getattr(recipe, key), "merge", None) is not None:  # S33 BAI merge: resolve each input
+            from distill.lm.merge import resolved_ref
+
+            d[key] = resolved_ref(recipe, getattr(recipe, key), key)
         elif getattr(recipe, key) is not None:
             d[key] = {k: (str(recipe.path(v).resolve()) if v is not None else None) for k, v in d[key].items()}
     return d
@@ -154,6 +158,10 @@ def resolve_model(recipe: Recipe, out: Path, progress: bool, key: str = "teacher
     ref = getattr(recipe, key)
     if ref is None or getattr(ref, "cache", None) is not None:
         return None
+    if getattr(ref, "merge", None) is not None:  # S33 BAI: merged once, cached in <out>/_teachers by fingerprint
+        from distill.lm.merge import resolve_merge
+
+        return resolve_merge(recipe, ref.merge, out, progress, key)
     if ref.run is not None or ref.model is not None:
         kind, value = ("run", ref.run) if ref.run is not None else ("model", ref.model)
         path = recipe.path(value)
@@ -266,12 +274,16 @@ def run_recipe(
     student: nn.Module | None = None,
     teacher: nn.Module | None = None,
     stop_at_step: int | None = None,
+    refs_out: str | Path | None = None,
 ) -> RunResult:
     """Train ``recipe`` and write ``<out>/<name>``; returns its metrics.
 
     ``data``, ``student`` and ``teacher`` let Python users pass their own dataset and modules.
+    ``refs_out``: where teacher and init recipes are trained once and cached (``<refs_out>/_teachers``;
+    default ``out``). A recipe with ``stages`` runs as a chain of runs (``core/stages.py``).
     """
     out = Path(out)
+    refs = Path(refs_out) if refs_out is not None else out
     name = name or recipe.name
     final, partial = out / name, out / f"{name}.partial"
     resolved = resolved_recipe(recipe)
@@ -282,17 +294,23 @@ def run_recipe(
             return RunResult(final, metrics, report.read_csv(final / "history.csv"))  # same recipe: reuse
         if not overwrite:
             raise RunExistsError(f"run folder {final} exists with another recipe; choose another name, --out, or --overwrite")
+    if recipe.stages:
+        from distill.core.stages import run_stages  # stages builds on run_recipe
+
+        if data is not None or student is not None or stop_at_step is not None:
+            raise RecipeError("a staged recipe builds each stage's task and student: pass no data, student or stop_at_step")
+        return run_stages(recipe, out, name, resume, progress, teacher, refs)
     if progress is not None:
         recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"progress": progress})})
 
     data = data if data is not None else build_task(recipe)
     ops = task_ops(data)
-    teacher_dir = None if teacher is not None else resolve_teacher(recipe, out, recipe.train.progress)
+    teacher_dir = None if teacher is not None else resolve_teacher(recipe, refs, recipe.train.progress)
     if teacher_dir is not None:
         teacher = ops.load_model(teacher_dir)
     cache_dir = teacher_cache_dir(recipe)
     spec = None
-    init_dir = resolve_model(recipe, out, recipe.train.progress, "init") if student is None else None
+    init_dir = resolve_model(recipe, refs, recipe.train.progress, "init") if student is None else None
     seed_everything(recipe.seed)
     if init_dir is not None:
         student = ops.load_model(init_dir)

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, default_collate
 from distill.core import checkpoint as ckpt
 from distill.core.distiller import Distiller
 from distill.core.recipe import TrainConfig
+from distill.core.sampler import make_sampler
 from distill.core.sharpness import SAM, TRAM
 from distill.errors import Interrupted, NaNLossError, RecipeError
 
@@ -138,6 +139,10 @@ class Trainer:
             wd = o.weight_decay if o and o.weight_decay is not None else cfg.weight_decay
             self.optimizers.append(make_optimizer(cfg.optimizer, params, lr, wd, cfg.momentum))
         self.batches = EpochBatches(len(train_set), cfg.batch_size, seed, self.acc.process_index, self.acc.num_processes)
+        # a sampler (train.sampler) replaces the epoch permutations; epochs stay a count of steps
+        self.sampler = None if cfg.sampler is None else make_sampler(
+            cfg.sampler, train_set, distiller, seed, cfg.batch_size, cfg.grad_accum, self.acc.process_index,
+            self.acc.num_processes)
         self.steps_per_epoch = math.ceil(self.batches.per_epoch / cfg.grad_accum)
         total = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
@@ -167,6 +172,8 @@ class Trainer:
         """Train to the end (or to ``stop_at_step``, then checkpoint and raise ``Interrupted``)."""
         if resume and self.ckpt_dir and ckpt.exists(self.ckpt_dir):
             self.state = ckpt.load(self.ckpt_dir, self.distiller, self.optimizers, self.schedulers, self.acc.device)
+            if self.sampler is not None:
+                self.sampler.load_state_dict(self.state.get("sampler", {}))
         if self.acc.log_with:
             self.acc.init_trackers("tensorboard")
         prev = self._install_sigint()
@@ -187,15 +194,22 @@ class Trainer:
         cfg, st = self.cfg, self.state
         self.model.train()
         t0, start = time.perf_counter(), st["step"]
+        if self.sampler is not None and st["step"] == 0:
+            self._sampler_update(0)
         while st["step"] < self.total_steps and not st["done"]:
             epoch = st["step"] // self.steps_per_epoch
             self.distiller.on_epoch_start(epoch)
-            micro = self.batches.epoch(epoch)
+            micro = self.batches.epoch(epoch) if self.sampler is None else None
             for k in range(st["step"] - epoch * self.steps_per_epoch, self.steps_per_epoch):
-                group = micro[k * cfg.grad_accum : (k + 1) * cfg.grad_accum]
+                if micro is not None:
+                    group = micro[k * cfg.grad_accum : (k + 1) * cfg.grad_accum]
+                else:
+                    group = self.sampler.indices(st["step"])
                 log_now = (st["step"] + 1) % cfg.log_every == 0 or st["step"] + 1 == self.total_steps
                 metrics = self._step(group, log_now)
                 st["step"] += 1
+                if self.sampler is not None and st["step"] < self.total_steps:  # weights nobody draws with: skip
+                    self._sampler_update(epoch)
                 if log_now:
                     rate = (st["step"] - start) / max(time.perf_counter() - t0, 1e-9)
                     lr = self.schedulers[0].get_last_lr()[0]
@@ -304,6 +318,11 @@ class Trainer:
                 self.state["done"] = self.state["bad_evals"] >= es.patience
         self._checkpoint()
 
+    def _sampler_update(self, epoch: int) -> None:
+        logged = self.sampler.update(self.state["step"], self.distiller.student, self.distiller.teacher)
+        if logged:
+            self._log({"epoch": epoch, **{f"sampler/{k}": v for k, v in logged.items()}})
+
     def _log(self, row: dict[str, Any]) -> None:
         row = {"step": self.state["step"], **row}
         self.state["history"].append(row)
@@ -311,6 +330,8 @@ class Trainer:
             self.acc.log({k: v for k, v in row.items() if k not in ("step", "epoch")}, step=row["step"])
 
     def _checkpoint(self) -> None:
+        if self.sampler is not None:  # in the trainer state: state.json
+            self.state["sampler"] = self.sampler.state_dict()
         if self.ckpt_dir and self.acc.is_main_process:
             ckpt.save(self.ckpt_dir, self.distiller, self.optimizers, self.schedulers, self.state)
 

@@ -110,14 +110,24 @@ class PyTextData:
 
 
 def build_pytext(block_size: int = 128, vocab_size: int = 2048, seed: int = 0,
-                 val_fraction: float = 0.1, test_fraction: float = 0.1) -> PyTextData:
-    """Split, train the BPE on train documents, tokenize and pack every split into blocks."""
+                 val_fraction: float = 0.1, test_fraction: float = 0.1, planted: Sequence[str] = (),
+                 planted_seed: int = 0) -> PyTextData:
+    """Split, train the BPE on train documents, tokenize and pack every split into blocks.
+
+    ``planted``: extra training documents (canaries), each inserted before a train document drawn by
+    ``random.Random(planted_seed)`` (never after the last one), after the BPE is trained: the tokenizer
+    never sees them, and val/test never hold them."""
     topics = load_topics()
     sp = split_documents(seed, val_fraction, test_fraction, topics)
     tok = train_bpe(list(sp.train.values()), vocab_size)
 
-    def packed(docs: dict[str, str]) -> dict[str, torch.Tensor]:
-        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in docs.values()]
+    def packed(docs: Sequence[str]) -> dict[str, torch.Tensor]:
+        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in docs]
         return pack_blocks(ids, block_size, tok.bos_token_id, tok.eos_token_id)
 
-    return PyTextData(packed(sp.train), packed(sp.val), packed(sp.test), tok, corpus_fingerprint(topics))
+    train = list(sp.train.values())
+    rng = random.Random(planted_seed)
+    for text in planted:
+        train.insert(rng.randrange(len(train)), text)
+    return PyTextData(packed(train), packed(list(sp.val.values())), packed(list(sp.test.values())), tok,
+                      corpus_fingerprint(topics))

@@ -27,17 +27,26 @@ from distill.lm.text import Example, collate
 
 class TokenDataset(Dataset):
     """Encoded examples, collated a batch at a time; ``prompts[i]`` (ids, with ``bos``) and
-    ``references[i]`` (what a verifier checks a completion against) where the task has them."""
+    ``references[i]`` (what a verifier checks a completion against) where the task has them;
+    ``domains[i]``, an index into ``domain_names``, where the task has domains (data samplers such as
+    DDK, S48, mix them; arithmetic: the operation)."""
 
     def __init__(self, examples: Sequence[Example], pad_id: int, prompts: Sequence[Sequence[int]] | None = None,
-                 references: Sequence[Any] | None = None) -> None:
+                 references: Sequence[Any] | None = None, domains: Sequence[int] | None = None,
+                 domain_names: Sequence[str] | None = None) -> None:
         self.examples = list(examples)
         self.pad_id = pad_id
         self.prompts = [list(p) for p in prompts] if prompts is not None else None
         self.references = list(references) if references is not None else None
-        for name, seq in (("prompts", self.prompts), ("references", self.references)):
+        self.domains = [int(d) for d in domains] if domains is not None else None
+        self.domain_names = list(domain_names) if domain_names is not None else None
+        for name, seq in (("prompts", self.prompts), ("references", self.references), ("domains", self.domains)):
             if seq is not None and len(seq) != len(self.examples):
                 raise ValueError(f"{len(seq)} {name} for {len(self.examples)} examples")
+        if (self.domains is None) != (self.domain_names is None):
+            raise ValueError("give both domains and domain_names, or neither")
+        if self.domains and not all(0 <= d < len(self.domain_names) for d in self.domains):
+            raise ValueError(f"domain ids must index domain_names ({len(self.domain_names)} names)")
 
     @classmethod
     def from_blocks(cls, blocks: dict[str, Tensor], pad_id: int) -> "TokenDataset":
@@ -94,12 +103,19 @@ class LMTaskData:
     eval_size: int = 200
     eval_batch_size: int = 64
     meta: dict[str, Any] = field(default_factory=dict)
+    # task-specific metrics of a model (canary exposure), reported as test/<name> and teacher/<name>
+    extra_metrics: Callable[[nn.Module], dict[str, float]] | None = None
 
     family = "lm"
 
     @property
     def vocab(self) -> int:
         return len(self.tokenizer)
+
+    @property
+    def domain_names(self) -> list[str] | None:
+        """The task's domains (each split's ``domains`` index them), or None."""
+        return self.train.domain_names
 
     # --- TaskOps --------------------------------------------------------------------------------
     def build_model(self, spec: dict[str, Any]) -> nn.Module:
@@ -140,8 +156,12 @@ class LMTaskData:
     def final_metrics(self, student: nn.Module, teacher: nn.Module | None) -> dict[str, float]:
         out = {f"test/{k}": v for k, v in self.metrics(student, teacher, self.test).items()}
         out.update({f"val/{k}": v for k, v in self.metrics(student, teacher, self.val, self.eval_size).items()})
+        if self.extra_metrics is not None:
+            out.update({f"test/{k}": v for k, v in self.extra_metrics(student).items()})
         if teacher is not None:
             out.update({f"teacher/{k}": v for k, v in self.metrics(teacher, None, self.test).items()})
+            if self.extra_metrics is not None:
+                out.update({f"teacher/{k}": v for k, v in self.extra_metrics(teacher).items()})
             out["params/teacher"] = models.count_params(teacher)
         out["params/student"] = models.count_params(student)
         return out

@@ -12,11 +12,12 @@ import random
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from distill.core.registry import TASKS, Params
 from distill.errors import MissingFileError, RecipeError
 from distill.lm import arithmetic as ar
+from distill.lm import canary
 from distill.lm.task import LMTaskData, TokenDataset, tokenizer_fingerprint
 from distill.lm.text import Example, encode_records, load_records
 
@@ -70,10 +71,12 @@ def build_arithmetic(p: ArithmeticParams) -> LMTaskData:
     problems = distinct_problems(p.num_train + p.num_val + p.num_test, p.data_seed, difficulty)
     tok = ar.CharTokenizer()
     hf_tok = tok.to_hf()
+    ops = list(dict.fromkeys(p.ops))  # the domains (data samplers, e.g. DDK): one per operation
 
     def split(ps: list[ar.Problem]) -> TokenDataset:
         prompts = [[tok.bos_token_id] + tok.encode(q.prompt) for q in ps]
-        return TokenDataset([ar.encode_problem(q, tok) for q in ps], tok.pad_token_id, prompts, ps)
+        return TokenDataset([ar.encode_problem(q, tok) for q in ps], tok.pad_token_id, prompts, ps,
+                            [ops.index(q.op) for q in ps], ops)
 
     train = split(problems[: p.num_train])
     val = split(problems[p.num_train : p.num_train + p.num_val])
@@ -97,19 +100,38 @@ class PyTextParams(Params):
     block_size: int = Field(128, ge=8)
     vocab_size: int = Field(2048, ge=300, description="byte-level BPE vocabulary (256 bytes + merges + 3 specials)")
     split_seed: int = 0
+    canaries: int = Field(0, ge=0, description="planted secrets in the training text (distill.lm.canary); 0 = off")
+    canary_repeats: int = Field(4, ge=1, description="copies of each canary among the training documents")
+    canary_candidates: int = Field(1000, ge=1, description="random candidates each canary is ranked against")
+    canary_seed: int = 1234
+
+    @model_serializer(mode="wrap")
+    def _drop_canaries_when_off(self, handler):
+        # without canaries the dump (hence recipe and data fingerprints) is what it was before they existed
+        d = handler(self)
+        if not self.canaries:
+            for k in ("canaries", "canary_repeats", "canary_candidates", "canary_seed"):
+                d.pop(k, None)
+        return d
 
 
 @TASKS.register("pytext", "language modelling on CPython's reference-manual topics, byte-level BPE (LM)", PyTextParams)
 def build_pytext_task(p: PyTextParams) -> LMTaskData:
     from distill.lm.pytext import build_pytext
 
-    d = build_pytext(p.block_size, p.vocab_size, p.split_seed)
+    secrets, candidates = canary.make_canaries(p.canaries, p.canary_candidates, p.canary_seed) if p.canaries else ([], [])
+    planted = [canary.secret_text(s) for s in secrets for _ in range(p.canary_repeats)]
+    d = build_pytext(p.block_size, p.vocab_size, p.split_seed, planted=planted, planted_seed=p.canary_seed)
     pad = d.tokenizer.pad_token_id
-    return LMTaskData(
+    data = LMTaskData(
         "pytext", TokenDataset.from_blocks(d.train, pad), TokenDataset.from_blocks(d.val, pad),
         TokenDataset.from_blocks(d.test, pad), d.tokenizer,
         _fingerprint("pytext", p.model_dump(), d.fingerprint, tokenizer_fingerprint(d.tokenizer)), DEFAULT_STUDENT,
     )
+    if secrets:  # reported as test/canary_exposure (and teacher/canary_exposure)
+        data.meta.update(canaries=secrets, canary_candidates=candidates)
+        data.extra_metrics = lambda model: {"canary_exposure": canary.lm_canary_exposure(model, data)}
+    return data
 
 
 build_pytext_task.default_student = DEFAULT_STUDENT  # type: ignore[attr-defined]
