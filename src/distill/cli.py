@@ -171,6 +171,39 @@ def analyze_traces(
         out_console.print(f"{rep.sft_path}: {rep.sft_records} SFT records", highlight=False)
 
 
+@app.command()
+def hacking(
+    steps: Optional[int] = typer.Option(None, "--steps", help="student updates per regime (default 600; 12 with --quick)"),
+    out: Path = typer.Option(Path("runs/hacking"), "--out", help="folder for hacking.png, hacking.csv and hacking.md"),
+    seed: int = typer.Option(0, "--seed", help="seed of the oracle, teacher, prompts and student"),
+    quick: bool = typer.Option(False, "--quick", help="tiny sizes, a few seconds (smoke test)"),
+) -> None:
+    """Teacher hacking (S21): oracle -> teacher -> student on tiny LMs; proxy (to the teacher) and golden (to
+    the oracle) curves for offline data, online generation and more generations per prompt, with the
+    paper's detection signal (deviation from polynomial convergence) and a plot."""
+    from distill.lm.hacking import HackingConfig, run_hacking, write_outputs
+
+    try:
+        over = {"seed": seed} | ({} if steps is None else {"steps": steps})
+        cfg = HackingConfig.quick(**over) if quick else HackingConfig(**over)
+        res = run_hacking(cfg, progress=lambda m: out_console.print(m, highlight=False, soft_wrap=True))
+        paths = write_outputs(res, out)
+    except DistillError as err:
+        _fail(err)
+    table = Table(title=f"teacher hacking ({cfg.steps} steps, seed {cfg.seed}; teacher's golden {res.teacher_golden:.4f})")
+    table.add_column("regime", no_wrap=True)
+    for col in ("proxy", "min golden", "golden", "hacking", "detected"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for s in res.summary():
+        table.add_row(s["regime"], f"{s['final_proxy']:.4f}", f"{s['min_golden']:.4f}", f"{s['final_golden']:.4f}",
+                      "yes" if s["hacking"] else "no", "yes" if s["detected"] else "no")
+    out_console.print(table)
+    out_console.print("proxy, golden: final distances to the teacher and the oracle; hacking: the golden metric rose "
+                      "while the proxy fell (uses the oracle); detected: the proxy left its power law (no oracle)",
+                      highlight=False, soft_wrap=True)
+    out_console.print(f"{paths['png'].name}, {paths['csv'].name} and {paths['md'].name} in {out}/", highlight=False)
+
+
 @app.command("list")
 def list_() -> None:
     """Methods, tasks, architectures, shipped recipes and suites, one line each."""
