@@ -6,6 +6,9 @@ big batch over the same samples; ``num_items`` is the step's global valid-token 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -162,18 +165,32 @@ def _ddp_worker(out_dir: str) -> None:
             (out / f"{tag}.json").write_text(json.dumps(meta))
 
 
+def launch_two(worker: str, *args: str) -> None:
+    """``accelerate.debug_launcher(worker, args, num_processes=2)`` from a fresh Python process.
+
+    debug_launcher forks, and a fork of a process whose OpenMP pool already ran threads (this pytest
+    process, after any earlier test) deadlocks the children in their first parallel region; a fresh
+    parent has no such pool. The workers are this module's functions, imported by name."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import {Path(__file__).stem} as t; "
+        f"from accelerate import debug_launcher; debug_launcher(t.{worker}, args={args!r}, num_processes=2)"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    if done.returncode:
+        raise RuntimeError(f"{worker} failed:\n{done.stderr[-3000:]}")
+
+
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory, data):
     """Launch the workers once (2 CPU processes, gloo); skip with the detected reason if the launcher
     itself cannot run here (no process group, sockets forbidden)."""
-    from accelerate import debug_launcher
-
     try:
-        debug_launcher(_probe_worker, num_processes=2)
+        launch_two("_probe_worker")
     except Exception as e:  # noqa: BLE001 - any failure of the bare launcher means it cannot run here
-        pytest.skip(f"accelerate.debug_launcher cannot run 2 CPU processes here: {type(e).__name__}: {e}")
+        pytest.skip(f"accelerate.debug_launcher cannot run 2 CPU processes here: {e}")
     out = tmp_path_factory.mktemp("ddp")
-    debug_launcher(_ddp_worker, args=(str(out),), num_processes=2)
+    launch_two("_ddp_worker", str(out))
     return out
 
 

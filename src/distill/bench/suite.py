@@ -219,20 +219,25 @@ def write_leaderboard(out: Path, suite: Suite, rows: list[Row], n_seeds: int) ->
 
 def plot_leaderboard(path: Path, rows: list[Row], teacher: dict[str, float]) -> None:
     plt = report.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(max(11, 0.8 * len(rows) + 3), 4.2))
     labels = [r.label for r in rows]
     for ax, (key, title) in zip(axes, profile(rows).bars):
-        stats = [r.stat(key) or (0.0, 0.0) for r in rows]
-        ax.bar(labels, [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=4, color="tab:blue")
+        stats = [r.stat(key) for r in rows]
+        have = [st for st in stats if st is not None]
+        # a method without the metric (e.g. no teacher, so no KL to it) gets no bar, not a zero
+        ax.bar(labels, [st[0] if st else float("nan") for st in stats],
+               yerr=[st[1] if st else 0.0 for st in stats], capsize=4, color="tab:blue")
         tk = key.removeprefix("test/")
         if tk in teacher:
             ax.axhline(teacher[tk], color="tab:red", ls="--", label="teacher")
             ax.legend()
-        if key in PERCENT:
-            lo = min(s[0] - s[1] for s in stats)
-            ax.set_ylim(max(0.0, lo - 0.05), min(1.0, max(max(s[0] + s[1] for s in stats), teacher.get(tk, 0)) + 0.03))
+        if key in PERCENT and have:
+            lo = min(st[0] - st[1] for st in have)
+            ax.set_ylim(max(0.0, lo - 0.05), min(1.0, max(max(st[0] + st[1] for st in have), teacher.get(tk, 0)) + 0.03))
         ax.set_title(title)
-        ax.tick_params(axis="x", rotation=20)
+        ax.tick_params(axis="x", rotation=35)
+        for t in ax.get_xticklabels():
+            t.set_horizontalalignment("right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -253,7 +258,8 @@ def plot_curves(path: Path, rows: list[Row]) -> None:
             n = min(len(c[1]) for c in curves)
             xs = [x / curves[0][0][n - 1] for x in curves[0][0][:n]]
             ys = [statistics.fmean(c[1][j] for c in curves) for j in range(n)]
-            ax.plot(xs, ys, label=row.label, color=f"C{i % 10}")  # one colour per method in both panels
+            colour = plt.cm.tab20(i % 20) if len(rows) > 10 else f"C{i}"  # one colour per method in both panels
+            ax.plot(xs, ys, label=row.label, color=colour, marker="o" if n == 1 else None)
         ax.set_xlabel("fraction of training"), ax.set_title(key.replace("val/", "validation "))
         if ax.lines:
             ax.legend(fontsize=8)

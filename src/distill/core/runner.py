@@ -333,8 +333,9 @@ def run_recipe(
     (partial / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     trainer = None
     try:
-        trainer = Trainer(distiller, train_set, recipe.train, recipe.seed, partial, ops.evaluator(distiller.teacher))
+        # the clock includes what methods do before the first step (teacher logits, generated traces)
         started = time.perf_counter()
+        trainer = Trainer(distiller, train_set, recipe.train, recipe.seed, partial, ops.evaluator(distiller.teacher))
         state = trainer.fit(resume=resume, stop_at_step=stop_at_step)
         train_s = time.perf_counter() - started
     except BaseException:
