@@ -16,8 +16,8 @@ from distill.core.distiller import Step, TaskInfo
 from distill.core.registry import METHODS
 from distill.lm.base import LMDistiller
 from distill.lm.losses import token_taid_loss
-from distill.logits._steps import StepRecords, mean_over_processes
-from distill.logits.taid import TAIDParams, TAIDSchedule
+from distill.logits._steps import mean_over_processes
+from distill.logits.taid import TAIDParams, WithTAIDSchedule
 
 
 class LMTAIDParams(TAIDParams):
@@ -25,7 +25,7 @@ class LMTAIDParams(TAIDParams):
 
 
 @METHODS.register("lm_taid", "TAID for language models (S60)", LMTAIDParams)
-class LMTAID(LMDistiller):
+class LMTAID(WithTAIDSchedule, LMDistiller):
     """``Σ_tokens −Σ_v p_t,v · log q_v / num_items`` against a live teacher (no CE term, as the official
     ``distil_ratio = 1``), t from ``TAIDSchedule``.
 
@@ -44,13 +44,7 @@ class LMTAID(LMDistiller):
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, params: LMTAIDParams, info: TaskInfo) -> None:
         super().__init__(student, teacher, params, info)
-        p = params
-        self.schedule = TAIDSchedule(p.total_steps or 1, p.t_start, p.t_end, p.alpha, p.beta, p.adaptive)
-        self._records = StepRecords()
-
-    def on_train_start(self, total_steps: int, total_epochs: int) -> None:
-        super().on_train_start(total_steps, total_epochs)
-        self.schedule.total_steps = self.params.total_steps or total_steps
+        self.init_schedule()
 
     def training_step(self, batch: dict[str, Tensor]) -> Step:
         self.seen(batch)

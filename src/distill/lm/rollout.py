@@ -53,11 +53,16 @@ class Rollouts:
 
     def examples(self) -> list[Example]:
         """Prompt + completion with only the completion supervised (the prompt as given, e.g. with bos)."""
-        return [Example(p + c, [IGNORE_INDEX] * len(p) + c) for p, c in zip(self.prompts, self.completions)]
+        return completion_examples(self.prompts, self.completions)
 
     def batch(self, pad_id: int) -> dict[str, Tensor]:
         """Right-padded ``input_ids``/``attention_mask``/``labels`` for training on the completions."""
         return collate(self.examples(), pad_id)
+
+
+def completion_examples(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]) -> list[Example]:
+    """``prompt + completion`` per pair, only the completion supervised."""
+    return [Example(list(p) + list(c), [IGNORE_INDEX] * len(p) + list(c)) for p, c in zip(prompts, completions)]
 
 
 def rollout(

@@ -33,9 +33,9 @@ from distill.core.distiller import Step, TaskInfo
 from distill.core.registry import METHODS, Params
 from distill.lm.base import LMDistiller
 from distill.lm.losses import token_cross_entropy
-from distill.lm.rollout import Rollouts, rollout
+from distill.lm.rollout import Rollouts, completion_examples, rollout
 from distill.lm.task import require_prompts
-from distill.lm.text import IGNORE_INDEX, Example, collate
+from distill.lm.text import collate
 
 
 class SeqKDParams(Params):
@@ -78,10 +78,8 @@ class SeqKD(LMDistiller):
     def target_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The micro-batch's examples as prompt + teacher completion (only the completion supervised)."""
         targets = self.generate_targets()
-        examples = []
-        for i in batch["index"].tolist():
-            prompt, completion = self.prompts[i], targets.completions[i]
-            examples.append(Example(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion))
+        idx = batch["index"].tolist()
+        examples = completion_examples([self.prompts[i] for i in idx], [targets.completions[i] for i in idx])
         device = batch["input_ids"].device
         out = {k: v.to(device) for k, v in collate(examples, self.data.tokenizer.pad_token_id).items()}
         out["index"] = batch["index"]

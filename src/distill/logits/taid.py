@@ -88,10 +88,27 @@ class TAIDParams(Params):
         return self
 
 
+class WithTAIDSchedule:
+    """Mixin for a ``Distiller`` whose params are ``TAIDParams``: ``init_schedule()`` (call it after
+    ``Distiller.__init__``) builds the schedule and the step records; the schedule's length defaults to
+    the run's optimizer steps, known at ``on_train_start``. Shared by the classifier and LM forms."""
+
+    params: TAIDParams
+
+    def init_schedule(self) -> None:
+        p = self.params
+        self.schedule = TAIDSchedule(p.total_steps or 1, p.t_start, p.t_end, p.alpha, p.beta, p.adaptive)
+        self._records = StepRecords()
+
+    def on_train_start(self, total_steps: int, total_epochs: int) -> None:
+        super().on_train_start(total_steps, total_epochs)  # type: ignore[misc]
+        self.schedule.total_steps = self.params.total_steps or total_steps
+
+
 @METHODS.register(
     "taid", "TAID: CE to softmax((1−t)·sg(s) + t·teacher), t rising adaptively per step (S60)", TAIDParams
 )
-class TAID(Distiller):
+class TAID(WithTAIDSchedule, Distiller):
     """``−Σ p_t · log softmax(s)`` with ``p_t = softmax((1 − t)·sg(s) + t·z_teacher)`` on every sample
     (labeled and transfer; no CE term, as the official code), t from ``TAIDSchedule``.
 
@@ -106,13 +123,7 @@ class TAID(Distiller):
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, params: TAIDParams, info: TaskInfo) -> None:
         super().__init__(student, teacher, params, info)
-        p = params
-        self.schedule = TAIDSchedule(p.total_steps or 1, p.t_start, p.t_end, p.alpha, p.beta, p.adaptive)
-        self._records = StepRecords()
-
-    def on_train_start(self, total_steps: int, total_epochs: int) -> None:
-        super().on_train_start(total_steps, total_epochs)
-        self.schedule.total_steps = self.params.total_steps or total_steps
+        self.init_schedule()
 
     def training_step(self, batch: dict[str, Tensor]) -> Step:
         s = self.student(batch["x"])
