@@ -109,7 +109,7 @@ def test_teacher_without_teacher_needed(tmp_path):
 
 def test_class_count_mismatch(tmp_path):
     # a 10-class teacher for a 2-class task: build one with a different head by hand
-    from distill.core.runner import save_student
+    from distill.tasks.ops import save_student
     from distill.tasks.models import build_model
 
     save_student(tmp_path / "t2" / "student", build_model("mlp", {"width": 8}, (40,), 3), {"name": "mlp", "params": {"width": 8, "depth": 2}}, (40,), 3)

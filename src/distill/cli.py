@@ -206,15 +206,25 @@ def hacking(
 
 @app.command("list")
 def list_() -> None:
-    """Methods, tasks, architectures, shipped recipes and suites, one line each."""
+    """Methods, tasks, architectures, model references, plug-ins, shipped recipes and suites, one line each."""
     from distill.bench.suite import shipped_suites
     from distill.core.recipe import shipped_recipes
-    from distill.core.registry import ARCHS, METHODS, TASKS
+    from distill.core.registry import ARCHS, METHODS, REFS, TASKS, load_plugins
 
-    for title, reg in (("methods", METHODS), ("tasks", TASKS), ("archs", ARCHS)):
+    try:
+        plugins = load_plugins()
+    except DistillError as err:
+        _fail(err)
+    core_refs = [("recipe", "a teacher recipe, trained once and cached in <out>/_teachers"),
+                 ("run", "a finished run folder"), ("model", "a model folder (e.g. HF save_pretrained)")]
+    sections = [(title, [(e.name, e.description) for e in reg.entries()])
+                for title, reg in (("methods", METHODS), ("tasks", TASKS), ("archs", ARCHS))]
+    sections.append(("model references (teacher:, init:)", core_refs + [(e.name, e.description) for e in REFS.entries()]))
+    for title, rows in sections:
         out_console.print(f"[bold]{title}[/]")
-        for e in reg.entries():
-            out_console.print(f"  {e.name:<16} {e.description}", highlight=False, soft_wrap=True)
+        for name, description in rows:
+            out_console.print(f"  {name:<16} {description}", highlight=False, soft_wrap=True)
+    out_console.print("[bold]plug-ins[/] " + "; ".join(plugins), highlight=False, soft_wrap=True)
     out_console.print("[bold]recipes[/]  " + " ".join(shipped_recipes()), highlight=False, soft_wrap=True)
     out_console.print("[bold]suites[/]   " + " ".join(shipped_suites()), highlight=False)
 

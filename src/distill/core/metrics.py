@@ -6,11 +6,19 @@ model over a dataset and returns flat keys without a split prefix.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.core.functional import kl_rows
+
+
+# calibration temperatures searched by FIRST (S03; logits/first.py and lm/methods/lm_first.py): it divides
+# probabilities in [0, 1]: 1e-3 makes the target one-hot on the top-1 class, 1e2 makes it uniform over
+# the top k; a log grid covers both ends
+CALIBRATION_GRID = torch.logspace(-3, 2, 251)
 
 
 def accuracy(logits: Tensor, y: Tensor) -> float:
@@ -42,6 +50,16 @@ def agreement(student_logits: Tensor, teacher_logits: Tensor) -> float:
 def kl_to_teacher(student_logits: Tensor, teacher_logits: Tensor) -> float:
     """Mean KL(teacher ‖ student) at temperature 1."""
     return kl_rows(F.log_softmax(teacher_logits.float(), -1), F.log_softmax(student_logits.float(), -1)).mean().item()
+
+
+def exposure(candidate_losses: Tensor, secret: Tensor) -> Tensor:
+    """Canary exposure (Carlini et al. 2019, "The Secret Sharer"), shared by the classifier and LM canary tasks.
+    Per-canary exposure ``[n]`` from candidate losses ``[n, candidates]`` and the secret's
+    column ``[n]``. Ties count against the secret (rank = #candidates with loss ≤ the secret's),
+    so a model that cannot tell the candidates apart shows exposure 0, not the maximum."""
+    own = candidate_losses.gather(-1, secret.long()[:, None])
+    rank = (candidate_losses <= own).sum(-1)
+    return math.log2(candidate_losses.shape[-1]) - rank.float().log2()
 
 
 @torch.no_grad()

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_serializer, model_validator
 
-from distill.core.registry import ARCHS, METHODS, TASKS, Params, Registry
+from distill.core.registry import ARCHS, METHODS, REFS, TASKS, Params, Registry
 from distill.errors import MissingFileError, RecipeError, did_you_mean
 
 
@@ -114,56 +114,56 @@ class Component(Strict):
 
 class ModelRef(Strict):
     """A model to start from, exactly one of: ``recipe`` (trained once, cached by fingerprint), ``run``
-    (a finished run folder), ``model`` (a model folder, e.g. an HF ``save_pretrained`` directory) or
-    ``merge`` (a weighted merge of such models, S33 BAI; see ``MergeRef``)."""
+    (a finished run folder), ``model`` (a model folder, e.g. an HF ``save_pretrained`` directory), or a
+    kind a family registers in ``REFS`` (``core/refs.py``; the LM family adds ``merge``, S33 BAI, and,
+    for teachers, ``cache``). A registered kind's value is validated by its own schema."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
 
     recipe: str | dict[str, Any] | None = None
     run: str | None = None
     model: str | None = None
-    merge: MergeRef | None = None
 
-    _kinds: ClassVar[tuple[str, ...]] = ("recipe", "run", "model", "merge")
-    _optional: ClassVar[tuple[str, ...]] = ("model", "merge", "cache")
+    _core_kinds: ClassVar[tuple[str, ...]] = ("recipe", "run", "model")
+    _teacher: ClassVar[bool] = False
+    _optional: ClassVar[tuple[str, ...]] = ("model",)
 
     @model_validator(mode="after")
     def _one(self) -> "ModelRef":
-        given = [k for k in self._kinds if getattr(self, k) is not None]
+        extra = self.__pydantic_extra__ or {}
+        for k in list(extra):
+            if k not in REFS or (REFS.get(k).obj.teacher_only and not self._teacher):
+                raise ValueError(f"unknown key{did_you_mean(k, self.kinds())}")
+            value = extra[k]
+            if value is not None:
+                extra[k] = TypeAdapter(REFS.get(k).obj.schema).validate_python(value)
+        given = [k for k in self._core_kinds if getattr(self, k) is not None]
+        given += [k for k, v in extra.items() if v is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of {', '.join(repr(k) for k in self._kinds)}; got {given or 'none'}")
+            raise ValueError(f"give exactly one of {', '.join(repr(k) for k in self.kinds())}; got {given or 'none'}")
         return self
 
+    @classmethod
+    def kinds(cls) -> list[str]:
+        return [*cls._core_kinds, *(e.name for e in REFS.entries() if cls._teacher or not e.obj.teacher_only)]
 
+    @property
+    def kind(self) -> str:
+        """The one kind given (``recipe``, ``run``, ``model`` or a registered kind)."""
+        return next(k for k, v in self.items() if v is not None)
 
-class MergeRef(Strict):
-    """S33 BAI (``distill.lm.merge``): stage 1 ``Σ_i w_i θ_i`` over ``models`` (weights normalised to sum
-    to 1), then, when ``base`` is given, stage 2 ``(1 − base_weight)·θ_merge + base_weight·θ_base``. Merged
-    once and cached under ``<out>/_teachers/merge-<fingerprint>``."""
+    @property
+    def value(self) -> Any:
+        return dict(self.items())[self.kind]
 
-    models: list[ModelRef] = Field(min_length=1, description="models of one architecture (any model reference)")
-    weights: list[float] = Field(description="one weight >= 0 per model; normalised to sum to 1")
-    base: ModelRef | None = Field(None, description="stage two: the pretrained model merged back in")
-    base_weight: float | None = Field(None, ge=0, le=1, description="the base model's share in stage two")
-
-    @model_validator(mode="after")
-    def _weights(self) -> "MergeRef":
-        if len(self.weights) != len(self.models):
-            raise ValueError(f"{len(self.weights)} weights for {len(self.models)} models; give one weight per model")
-        if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
-            raise ValueError("weights must be >= 0 with a positive sum")
-        if (self.base is None) != (self.base_weight is None):
-            raise ValueError("stage two needs both 'base' and 'base_weight' (or neither)")
-        return self
-
-
-ModelRef.model_rebuild()
+    def items(self) -> list[tuple[str, Any]]:
+        return [*((k, getattr(self, k)) for k in self._core_kinds), *(self.__pydantic_extra__ or {}).items()]
 
 
 class TeacherRef(ModelRef):
-    """The teacher: a ``ModelRef``, or ``cache`` (an offline teacher cache written by ``distill cache-teacher``)."""
+    """The teacher: a ``ModelRef``, or a teacher-only kind (an offline teacher cache, ``cache``)."""
 
-    cache: str | None = None
-
-    _kinds: ClassVar[tuple[str, ...]] = ("recipe", "run", "model", "merge", "cache")
+    _teacher: ClassVar[bool] = True
 
 
 class Stage(Strict):
@@ -290,8 +290,6 @@ def recipe_from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> Recipe
     except ValidationError as err:
         raise RecipeError(_format(err, "", Recipe)) from None
     if recipe.stages:  # every stage is a valid recipe before anything trains
-        from distill.core.stages import stage_recipes  # stages builds on this module
-
         stage_recipes(recipe)
     return recipe
 
@@ -353,3 +351,42 @@ def load_recipe(ref: str | Path, overrides: list[str] | None = None, base_dir: s
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path}: must be a YAML mapping")
     return recipe_from_dict(apply_overrides(data, overrides or []), base_dir=path.parent)
+
+
+# --- staged recipes (run by core/stages.py) -------------------------------------------------------
+_UNSET = "<the previous stage's run folder>"  # init.run of stage i > 0 while only validating
+
+
+def stage_folder(i: int, recipe: Recipe) -> str:
+    assert recipe.stages is not None
+    return f"{i}-{recipe.stages[i].name}"
+
+
+def stage_recipe(recipe: Recipe, i: int, start: str | None = None) -> Recipe:
+    """Stage ``i`` of ``recipe`` as a plain recipe; ``start`` is stage ``i − 1``'s run folder (absolute)."""
+    assert recipe.stages is not None
+    stage = recipe.stages[i]
+    d: dict[str, Any] = recipe.resolved()
+    d.pop("stages", None)
+    for section, key in _SECTION_KEYS.items():  # the flat form, so --set paths read as in a recipe file
+        comp = d.get(section)
+        if isinstance(comp, dict) and "params" in comp:
+            d[section] = {key: comp["name"], **comp["params"]}
+    d["name"] = f"{recipe.name}-{stage.name}"
+    if stage.method is not None:
+        d["method"] = copy.deepcopy(stage.method)
+    d["train"] = {**d["train"], **copy.deepcopy(stage.train)}
+    if i > 0:
+        if any(item.split("=", 1)[0].strip().split(".")[0] in ("student", "init") for item in stage.set):
+            raise RecipeError(f"stages[{i}] '{stage.name}': a later stage starts from the previous stage's student; "
+                              "it cannot set 'student' or 'init' (give them to the base recipe, for the first stage)")
+        d["student"], d["init"] = None, {"run": start or _UNSET}
+    try:
+        return recipe_from_dict(apply_overrides(d, stage.set), base_dir=recipe.base_dir)
+    except RecipeError as err:
+        raise RecipeError(f"stages[{i}] '{stage.name}': {err}") from None
+
+
+def stage_recipes(recipe: Recipe) -> list[Recipe]:
+    """Every stage's recipe (stage i > 0 with a placeholder start): validates them all."""
+    return [stage_recipe(recipe, i) for i in range(len(recipe.stages or []))]

@@ -1,19 +1,25 @@
-"""Registries of methods, tasks and architectures: a name, a one-line description, a parameter model.
+"""Registries that families fill: methods, tasks, architectures, model references, model-folder formats.
 
 Each entry's parameter model (pydantic, ``extra="forbid"``) is what a recipe's section is validated
 against, so an unknown key or a bad value is rejected before any work starts.
+
+The engine knows no family. Families (ours and a user's) are plug-ins found through the Python
+entry-point group ``distill.plugins``: each entry point names a module (importing it registers what
+it provides) or a callable (called once, with no arguments). The registries load them on first use.
 """
 
 from __future__ import annotations
 
-import importlib
+import importlib.metadata as md
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from distill.errors import RecipeError, did_you_mean
+from distill.errors import DistillError, RecipeError, did_you_mean
+
+PLUGIN_GROUP = "distill.plugins"
 
 
 class Params(BaseModel):
@@ -27,7 +33,7 @@ class Entry:
     name: str
     description: str
     params: type[Params]
-    obj: Any  # the Distiller class, task builder or model factory
+    obj: Any  # the Distiller class, task builder, model factory, reference kind or folder format
 
 
 class Registry:
@@ -45,7 +51,7 @@ class Registry:
         return deco
 
     def get(self, name: str) -> Entry:
-        _load_builtins()
+        load_plugins()
         if name not in self._entries:
             raise RecipeError(
                 f"unknown {self.kind} '{name}'{did_you_mean(name, self._entries)}; "
@@ -53,18 +59,47 @@ class Registry:
             )
         return self._entries[name]
 
+    def __contains__(self, name: str) -> bool:
+        load_plugins()
+        return name in self._entries
+
     def entries(self) -> list[Entry]:
-        _load_builtins()
+        load_plugins()
         return sorted(self._entries.values(), key=lambda e: e.name)
 
 
 METHODS = Registry("method")
 TASKS = Registry("task")
 ARCHS = Registry("arch")
+REFS = Registry("model reference")  # teacher/init kinds beyond core's recipe/run/model (core/refs.py)
+FORMATS = Registry("model format")  # model folders that ``distill.load_student`` reads (core/refs.py)
 
-_BUILTIN_MODULES = ("distill.tasks", "distill.logits", "distill.lm")
+_loaded: list[str] = []  # the plug-ins loaded, in order (``distill list`` shows them)
 
 
-def _load_builtins() -> None:
-    for mod in _BUILTIN_MODULES:
-        importlib.import_module(mod)
+def load_plugins() -> list[str]:
+    """Load every ``distill.plugins`` entry point once: ``distill``'s own first, then the others by name."""
+    if _loaded:
+        return _loaded
+    eps = sorted(md.entry_points(group=PLUGIN_GROUP),
+                 key=lambda ep: (getattr(ep.dist, "name", "") != "distill", ep.name))
+    if not eps:
+        raise DistillError(f"no '{PLUGIN_GROUP}' entry points found: install distill (pip install -e .) "
+                           "so that its families register")
+    _loaded.append("<loading>")  # re-entrant calls (a plug-in that looks a name up at import) see them loading
+    try:
+        for ep in eps:
+            try:
+                obj = ep.load()
+            except Exception as err:
+                raise DistillError(f"plug-in '{ep.name}' ({ep.value}) failed to load: "
+                                   f"{type(err).__name__}: {err}") from err
+            if callable(obj) and not isinstance(obj, type):
+                obj()
+            who = getattr(ep.dist, "name", None) or "?"
+            _loaded.append(f"{ep.name} ({who}: {ep.value})")
+    except BaseException:
+        _loaded.clear()
+        raise
+    _loaded.remove("<loading>")
+    return _loaded

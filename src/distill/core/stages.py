@@ -31,59 +31,21 @@ recipes are trained once and cached in ``<out>/_teachers``, as for a plain run.
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import yaml
 from torch import nn
 
 from distill.core import report
-from distill.core.recipe import _SECTION_KEYS, Recipe, apply_overrides, recipe_from_dict
-from distill.errors import RecipeError
-
-if TYPE_CHECKING:
-    from distill.core.runner import RunResult
+from distill.core.recipe import Recipe, stage_folder, stage_recipe, stage_recipes
+from distill.core.refs import resolved_recipe
+from distill.core.rundir import RunResult
 
 STAGES = "stages"
-_UNSET = "<the previous stage's run folder>"  # init.run of stage i > 0 while only validating
-
-
-def stage_folder(i: int, recipe: Recipe) -> str:
-    assert recipe.stages is not None
-    return f"{i}-{recipe.stages[i].name}"
-
-
-def stage_recipe(recipe: Recipe, i: int, start: str | None = None) -> Recipe:
-    """Stage ``i`` of ``recipe`` as a plain recipe; ``start`` is stage ``i − 1``'s run folder (absolute)."""
-    assert recipe.stages is not None
-    stage = recipe.stages[i]
-    d: dict[str, Any] = recipe.resolved()
-    d.pop("stages", None)
-    for section, key in _SECTION_KEYS.items():  # the flat form, so --set paths read as in a recipe file
-        comp = d.get(section)
-        if isinstance(comp, dict) and "params" in comp:
-            d[section] = {key: comp["name"], **comp["params"]}
-    d["name"] = f"{recipe.name}-{stage.name}"
-    if stage.method is not None:
-        d["method"] = copy.deepcopy(stage.method)
-    d["train"] = {**d["train"], **copy.deepcopy(stage.train)}
-    if i > 0:
-        if any(item.split("=", 1)[0].strip().split(".")[0] in ("student", "init") for item in stage.set):
-            raise RecipeError(f"stages[{i}] '{stage.name}': a later stage starts from the previous stage's student; "
-                              "it cannot set 'student' or 'init' (give them to the base recipe, for the first stage)")
-        d["student"], d["init"] = None, {"run": start or _UNSET}
-    try:
-        return recipe_from_dict(apply_overrides(d, stage.set), base_dir=recipe.base_dir)
-    except RecipeError as err:
-        raise RecipeError(f"stages[{i}] '{stage.name}': {err}") from None
-
-
-def stage_recipes(recipe: Recipe) -> list[Recipe]:
-    """Every stage's recipe (stage i > 0 with a placeholder start): validates them all."""
-    return [stage_recipe(recipe, i) for i in range(len(recipe.stages or []))]
 
 
 def _kept(folder: Path) -> bool:
@@ -106,11 +68,10 @@ def _last_step(history: list[dict[str, Any]]) -> int:
 
 
 def run_stages(recipe: Recipe, out: Path, name: str, resume: bool, progress: bool | None,
-               teacher: nn.Module | None, refs: Path) -> RunResult:
+               teacher: nn.Module | None, refs: Path, run_recipe: Callable[..., RunResult]) -> RunResult:
     """Train the stages of ``recipe`` one after another into ``<out>/<name>`` (see the module doc).
-    Called by ``run_recipe``, which has already checked for (and reused) a finished folder."""
-    from distill.core.runner import RunResult, resolved_recipe, run_recipe
-
+    Called by ``run_recipe`` (passed in, so each stage is an ordinary run), which has already checked
+    for (and reused) a finished folder."""
     assert recipe.stages is not None
     stage_recipes(recipe)  # again, for recipes built without recipe_from_dict
     final, partial = out / name, out / f"{name}.partial"

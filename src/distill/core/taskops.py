@@ -1,8 +1,8 @@
 """What the runner needs from a task, whatever kind of model it trains.
 
-Classifier tasks return a ``TaskData`` and the runner wraps it in ``ClassifierOps``; a family whose
-models are not classifiers (language models) returns a data object that implements this protocol
-itself, so the runner never imports a family.
+A task's builder returns a data object. Either it implements this protocol itself (language models),
+or its family registers an adapter for its type with ``register_ops`` (classifiers: ``TaskData`` ->
+``distill.tasks.ops.ClassifierOps``), so the runner never imports a family.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any, Callable, Protocol, runtime_checkable
 from torch import nn
 
 from distill.core.distiller import TaskInfo
+from distill.core.registry import load_plugins
+from distill.errors import RecipeError
 
 
 @runtime_checkable
@@ -24,6 +26,10 @@ class TaskOps(Protocol):
 
     def load_model(self, folder: Path) -> nn.Module:
         """A model from a run folder or a model folder."""
+
+    def saved_spec(self, folder: Path) -> dict[str, Any] | None:
+        """The registered arch ``{"name", "params"}`` a model folder was saved with, if any (so a
+        student started from it saves again the same way)."""
 
     def save_model(self, folder: Path, model: nn.Module, spec: dict[str, Any] | None) -> None:
         """Write ``model`` so that ``load_model(folder)`` rebuilds it."""
@@ -42,3 +48,28 @@ class TaskOps(Protocol):
 
     def final_metrics(self, student: nn.Module, teacher: nn.Module | None) -> dict[str, float]:
         """Flat metrics with split prefixes: ``test/...``, ``val/...``, ``teacher/...``."""
+
+
+_ADAPTERS: list[tuple[type, Callable[[Any], TaskOps]]] = []
+
+
+def register_ops(data_type: type) -> Callable:
+    """Decorator: ``factory(data) -> TaskOps`` for a family's task-data type that is not ``TaskOps`` itself."""
+
+    def deco(factory: Callable[[Any], TaskOps]) -> Callable[[Any], TaskOps]:
+        _ADAPTERS.append((data_type, factory))
+        return factory
+
+    return deco
+
+
+def task_ops(data: Any) -> TaskOps:
+    """The ``TaskOps`` of a task's data object."""
+    if isinstance(data, TaskOps):
+        return data
+    load_plugins()
+    for data_type, factory in _ADAPTERS:
+        if isinstance(data, data_type):
+            return factory(data)
+    raise RecipeError(f"task data of type {type(data).__name__} has no TaskOps: implement the protocol in "
+                      "distill.core.taskops or register an adapter with register_ops")

@@ -40,6 +40,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
+from distill.core.refs import RefContext, RefKind
+from distill.core.registry import REFS
 from distill.errors import CorruptCacheError, MismatchError, MissingFileError, RecipeError
 from distill.lm.losses import IGNORE_INDEX, _valid_rows
 from distill.lm.models import token_logits
@@ -423,7 +425,7 @@ def cache_from_recipe(recipe: Any, out: Path, top_k: int, dtype: str = "float16"
     if ref is None:
         raise RecipeError(f"recipe '{recipe.name}' has no teacher: cache-teacher needs 'teacher: {{recipe: ...}}', "
                           "'teacher: {run: ...}' or 'teacher: {model: ...}'")
-    if ref.cache is not None:
+    if ref.kind == "cache":
         raise RecipeError(f"recipe '{recipe.name}' already trains from a teacher cache (teacher.cache); give the "
                           "teacher to cache as recipe, run or model")
     data = build_task(recipe)
@@ -433,12 +435,24 @@ def cache_from_recipe(recipe: Any, out: Path, top_k: int, dtype: str = "float16"
     t = teacher_recipe(recipe)
     if t is not None:
         teacher_id = f"recipe:{t.name}-{t.fingerprint()}"
+    elif ref.kind in ("run", "model"):
+        teacher_id = f"{ref.kind}:{recipe.path(ref.value).resolve()}"
     else:
-        key, value = ("run", ref.run) if ref.run is not None else ("model", ref.model)
-        teacher_id = f"{key}:{recipe.path(value).resolve()}"
+        raise RecipeError(f"cache-teacher caches a teacher given as recipe, run or model, not '{ref.kind}'")
     check_existing(Path(out), _identity(data, top_k, dtype, shard_size, teacher_id))  # before training a teacher
     ops = task_ops(data)
     teacher = ops.load_model(resolve_teacher(recipe, Path(runs), progress))
     check_vocab(teacher, data.tokenizer, "teacher")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return write_cache(teacher.to(dev), data, Path(out), top_k, dtype, shard_size, batch_size, teacher_id, progress)
+
+
+def _cache_folder(ctx: RefContext, value: str) -> Path:
+    path = ctx.recipe.path(value)
+    if not path.is_dir():
+        raise MissingFileError(f"teacher.cache: {path} does not exist; write it with `distill cache-teacher`")
+    return path
+
+
+REFS.register("cache", "an offline teacher: top-k log-probs written by `distill cache-teacher`")(
+    RefKind(resolve=_cache_folder, offline=True, teacher_only=True))

@@ -15,7 +15,7 @@ Exposure of a canary s[r] with randomness r: its log-perplexity ``−log P(r | p
 tokens after ``[bos] + PREFIX``, i.e. `` (d-…-d)``; the prefix's own term is common to all candidates) ranked
 among the log-perplexities of the candidates R, ``exposure = log2 |R| − log2 rank`` (Carlini et al.
 2019, the definitions of rank and exposure; rank 1 = most likely; ties count against the canary, as
-``distill.tasks.mnist1d_canary.exposure``). The space of nine digits (10⁹) is not enumerated: R is the
+``distill.core.metrics.exposure``). The space of nine digits (10⁹) is not enumerated: R is the
 canary plus M candidates drawn uniformly from the space (one set shared by all canaries), the
 estimate by sampling that Carlini et al. describe: ``log2(M + 1) − log2 rank`` estimates the full-space
 exposure ``log2 10⁹ − log2 rank_full`` with ``rank_full ≈ rank · 10⁹ / (M + 1)``, and is capped at
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from distill.lm.losses import sequence_logprob
 from distill.lm.models import token_logits
 from distill.lm.text import Example, collate, encode_pair
-from distill.tasks.mnist1d_canary import exposure
+from distill.core.metrics import exposure
 
 PREFIX = "The random number is"
 DIGITS = 9

@@ -18,7 +18,7 @@ Per supervised token (position ``i`` predicting token ``i + 1``):
    as log-probs at temperature 1; ``fused_sparse_token_divergence`` with ``fused: true``).
 
 τ is fitted once, at construction, on the *validation* split at token level: the grid value of
-``distill.logits.first.CALIBRATION_GRID`` that minimises the 15-bin ECE (``distill.core.metrics.ece``)
+``distill.core.metrics.CALIBRATION_GRID`` that minimises the 15-bin ECE (``distill.core.metrics.ece``)
 of ``q_T`` over the val split's supervised tokens, with the confidence ``max_j q_T,j`` and the
 prediction counted correct when the teacher's top-1 token is the next token
 (``fit_token_calibration``). It lives in the buffer ``calibration_temperature`` (checkpointed).
@@ -52,7 +52,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from distill.core.distiller import Step, TaskInfo
-from distill.core.metrics import ece
+from distill.core.metrics import CALIBRATION_GRID, ece
 from distill.core.registry import METHODS, Params
 from distill.errors import RecipeError
 from distill.lm import losses as L
@@ -60,7 +60,6 @@ from distill.lm.base import LMDistiller
 from distill.lm.lm_kd import fused_cross_entropy
 from distill.lm.losses import _valid_rows
 from distill.lm.models import token_logits
-from distill.logits.first import CALIBRATION_GRID
 
 Scaling = Literal["probs", "logprobs"]
 

@@ -48,8 +48,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 
+from distill.core.recipe import ModelRef, Strict
+from distill.core.refs import RefContext, RefKind, record_ref
+from distill.core.registry import REFS
 from distill.errors import MismatchError, RecipeError, RunExistsError
 from distill.lm import models
 
@@ -250,34 +254,43 @@ def merge_fingerprint(folders: Sequence[Path], weights: Sequence[float], base: P
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def resolve_merge(recipe: Any, spec: Any, out: Path, progress: bool, key: str = "init") -> Path:
-    """The folder of a recipe's ``merge`` reference (``core.recipe.MergeRef``): every input resolved as
-    any model reference (trained from its recipe once, or a run/model folder, or a nested merge), then
-    merged once into ``<out>/_teachers/merge-<fingerprint>`` and reused while the inputs are unchanged."""
-    from distill.core.runner import resolve_model
+class MergeRef(Strict):
+    """``{merge: {models, weights, base, base_weight}}`` (BAI stages 1 and 2 above). Merged once and cached
+    under ``<out>/_teachers/merge-<fingerprint>``."""
 
-    def folder(ref: Any) -> Path:
-        return resolve_model(recipe.model_copy(update={key: ref}), out, progress, key)
+    models: list[ModelRef] = Field(min_length=1, description="models of one architecture (any model reference)")
+    weights: list[float] = Field(description="one weight >= 0 per model; normalised to sum to 1")
+    base: ModelRef | None = Field(None, description="stage two: the pretrained model merged back in")
+    base_weight: float | None = Field(None, ge=0, le=1, description="the base model's share in stage two")
 
-    inputs = [folder(r) for r in spec.models]
-    base = folder(spec.base) if spec.base is not None else None
-    cached = Path(out) / "_teachers" / f"merge-{merge_fingerprint(inputs, spec.weights, base, spec.base_weight)}"
+    @model_validator(mode="after")
+    def _weights(self) -> "MergeRef":
+        if len(self.weights) != len(self.models):
+            raise ValueError(f"{len(self.weights)} weights for {len(self.models)} models; give one weight per model")
+        if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+            raise ValueError("weights must be >= 0 with a positive sum")
+        if (self.base is None) != (self.base_weight is None):
+            raise ValueError("stage two needs both 'base' and 'base_weight' (or neither)")
+        return self
+
+
+def resolve_merge(ctx: RefContext, spec: MergeRef) -> Path:
+    """The folder of a recipe's ``merge`` reference: every input resolved as any model reference
+    (trained from its recipe once, or a run/model folder, or a nested merge), then merged once into
+    ``<out>/_teachers/merge-<fingerprint>`` and reused while the inputs are unchanged."""
+    inputs = [ctx.folder(r) for r in spec.models]
+    base = ctx.folder(spec.base) if spec.base is not None else None
+    cached = Path(ctx.out) / "_teachers" / f"merge-{merge_fingerprint(inputs, spec.weights, base, spec.base_weight)}"
     if not (cached / MERGE_FILE).is_file():
         merge_models(inputs, spec.weights, cached, base, spec.base_weight, overwrite=True)
     return cached
 
 
-def resolved_ref(recipe: Any, ref: Any, key: str = "init") -> dict[str, Any]:
-    """A model reference as a run's recipe.yaml records it: recipes inlined, paths absolute, merges
-    resolved recursively (so the recipe re-runs from anywhere)."""
-    from distill.core.runner import ref_recipe
+def record_merge(recipe: Any, spec: MergeRef, key: str) -> dict[str, Any]:
+    """A merge as recipe.yaml records it: every input recorded as any reference (recursively)."""
+    return {**spec.model_dump(mode="json"), "models": [record_ref(recipe, r, key) for r in spec.models],
+            "base": record_ref(recipe, spec.base, key) if spec.base is not None else None}
 
-    d = ref.model_dump(mode="json")
-    merge = getattr(ref, "merge", None)
-    if merge is not None:
-        d["merge"] = {**d["merge"], "models": [resolved_ref(recipe, r, key) for r in merge.models],
-                      "base": resolved_ref(recipe, merge.base, key) if merge.base is not None else None}
-        return d
-    if ref.recipe is not None:
-        return {**d, "recipe": ref_recipe(recipe.model_copy(update={key: ref}), key).resolved()}
-    return {k: (str(recipe.path(v).resolve()) if isinstance(v, str) else v) for k, v in d.items()}
+
+REFS.register("merge", "S33 BAI: a weighted merge of models of one architecture")(
+    RefKind(resolve=resolve_merge, schema=MergeRef, record=record_merge))

@@ -23,7 +23,8 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from distill.core.registry import ARCHS, Params
+from distill.core.refs import ModelFormat
+from distill.core.registry import ARCHS, FORMATS, Params
 from distill.errors import MismatchError, MissingFileError, RecipeError
 from distill.lm.text import tiny_causal_lm
 
@@ -128,6 +129,10 @@ def load_causal_lm(folder: str | Path, trust_remote_code: bool = False) -> nn.Mo
             return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise MissingFileError(f"cannot load a causal LM from {path}: {str(err).splitlines()[0]}") from None
+
+
+FORMATS.register("hf", "an HF causal-LM folder (config.json with model_type + model.safetensors)")(
+    ModelFormat(claims=lambda cfg: "model_type" in cfg, load=load_causal_lm))
 
 
 def vocab_rows(model: nn.Module) -> int:

@@ -127,6 +127,9 @@ class LMTaskData:
             models.check_same_tokenizer(tok, self.tokenizer, f"model in {folder}")
         return models.load_causal_lm(folder)
 
+    def saved_spec(self, folder: Path) -> dict[str, Any] | None:
+        return None  # an HF folder carries its own config
+
     def save_model(self, folder: Path, model: nn.Module, spec: dict[str, Any] | None) -> None:
         """HF layout (``config.json`` + ``model.safetensors`` + the tokenizer): loads with
         ``AutoModelForCausalLM.from_pretrained(folder)`` and ``AutoTokenizer.from_pretrained(folder)``."""

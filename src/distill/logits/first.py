@@ -7,15 +7,12 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from distill.core.distiller import Distiller, Step, TaskInfo
-from distill.core.metrics import ece, predict
+from distill.core.metrics import CALIBRATION_GRID, ece, predict
 from distill.core.registry import METHODS, Params
 from distill.errors import RecipeError
 from distill.logits.kd import labeled_ce
 from distill.logits.losses import first_loss, first_targets
 
-# the calibration temperature divides probabilities in [0, 1]: 1e-3 makes the target one-hot on
-# the top-1 class, 1e2 makes it uniform over the top k; a log grid covers both ends
-CALIBRATION_GRID = torch.logspace(-3, 2, 251)
 
 
 class FIRSTParams(Params):

@@ -11,14 +11,13 @@ report it as ``test/canary_exposure`` (and ``teacher/canary_exposure``).
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor, nn
+from torch import nn
 
-from distill.core.metrics import predict
+from distill.core.metrics import exposure, predict
 from distill.core.registry import TASKS
 from distill.tasks.base import ArrayDataset, TaskData
 from distill.tasks.mnist1d import DEFAULT_STUDENT, MNIST1DParams, build_mnist1d
@@ -44,15 +43,6 @@ def build_mnist1d_canary(p: CanaryParams) -> TaskData:
 
 
 build_mnist1d_canary.default_student = DEFAULT_STUDENT  # type: ignore[attr-defined]
-
-
-def exposure(candidate_losses: Tensor, secret: Tensor) -> Tensor:
-    """Per-canary exposure ``[n]`` from candidate losses ``[n, candidates]`` and the secret's
-    column ``[n]``. Ties count against the secret (rank = #candidates with loss ≤ the secret's),
-    so a model that cannot tell the candidates apart shows exposure 0, not the maximum."""
-    own = candidate_losses.gather(-1, secret.long()[:, None])
-    rank = (candidate_losses <= own).sum(-1)
-    return math.log2(candidate_losses.shape[-1]) - rank.float().log2()
 
 
 def canary_exposure(model: nn.Module, task_data: TaskData) -> float:
