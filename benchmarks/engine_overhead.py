@@ -19,7 +19,7 @@ import torch
 
 from distill.core.recipe import TrainConfig
 from distill.core.trainer import EpochBatches, LRFactor, Trainer
-from distill.logits.kd import HintonKD, KDParams, labeled_ce
+from distill.logits.methods.kd import HintonKD, KDParams, labeled_ce
 from distill.logits.losses import kd_loss
 from distill.core.distiller import TaskInfo
 from distill.tasks.base import ArrayDataset

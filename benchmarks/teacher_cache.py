@@ -85,11 +85,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from distill.lm.cache import TeacherCache, write_cache
-    from distill.lm.lm_kd import LMKD, LMKDParams
+    from distill.lm.methods.lm_kd import LMKD, LMKDParams
     from distill.lm.models import count_params
-    from distill.lm.task import TokenDataset
-    from distill.lm.tasks import PyTextParams, build_pytext_task
-    from distill.lm.text import tiny_causal_lm
+    from distill.lm.data.task import TokenDataset
+    from distill.lm.data.tasks import PyTextParams, build_pytext_task
+    from distill.lm.data.text import tiny_causal_lm
 
     torch.manual_seed(0)
     full = build_pytext_task(PyTextParams(block_size=args.block_size, vocab_size=args.vocab))

@@ -18,9 +18,9 @@ from distill.core.runner import run_recipe
 from distill.core.sampler import DomainSampler
 from distill.core.trainer import Trainer
 from distill.errors import Interrupted, RecipeError
-from distill.lm.ddk import DDKSampler, discrepancy_factor, smooth_update
-from distill.lm.tasks import ArithmeticParams, build_arithmetic
-from distill.lm.text import tiny_causal_lm
+from distill.lm.methods.ddk import DDKSampler, discrepancy_factor, smooth_update
+from distill.lm.data.tasks import ArithmeticParams, build_arithmetic
+from distill.lm.data.text import tiny_causal_lm
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 

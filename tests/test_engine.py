@@ -63,7 +63,7 @@ def test_frozen_teacher_gets_no_gradient_and_stays_in_eval_mode():
     from distill.core.distiller import TaskInfo
     from distill.core.recipe import TrainConfig
     from distill.core.trainer import Trainer
-    from distill.logits.kd import HintonKD, KDParams
+    from distill.logits.methods.kd import HintonKD, KDParams
     from distill.tasks.base import ArrayDataset
     from distill.tasks.models import build_model
 

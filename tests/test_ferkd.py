@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from distill.core.distiller import TaskInfo
 from distill.core.recipe import load_recipe
-from distill.logits.ferkd import FerKD, FerKDParams
+from distill.logits.methods.ferkd import FerKD, FerKDParams
 from distill.logits.losses import ferkd_loss, ferkd_regions
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from distill.core.metrics import ece
 from distill.core.recipe import recipe_from_dict
 from distill.core.runner import run_recipe
-from distill.logits.first import CALIBRATION_GRID, fit_calibration_temperature, topk_ece
+from distill.logits.methods.first import CALIBRATION_GRID, fit_calibration_temperature, topk_ece
 from distill.logits.losses import first_loss, first_targets
 
 

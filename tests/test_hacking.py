@@ -1,4 +1,4 @@
-"""Teacher hacking harness (S21, ``distill.lm.hacking``): the proxy/golden distances against a direct KL
+"""Teacher hacking harness (S21, ``distill.lm.tools.hacking``): the proxy/golden distances against a direct KL
 loop on tiny models, the power-law fit and the detection signal against direct computations on
 synthetic curves, the data each regime claims to train on, and a quick end-to-end run (API and CLI)."""
 
@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from distill.cli import app
 from distill.errors import RecipeError
-from distill.lm.hacking import (
+from distill.lm.tools.hacking import (
     REGIMES,
     HackingConfig,
     SyntheticVocab,
@@ -27,7 +27,7 @@ from distill.lm.hacking import (
     run_hacking,
     write_outputs,
 )
-from distill.lm.text import IGNORE_INDEX, Example, collate, tiny_causal_lm
+from distill.lm.data.text import IGNORE_INDEX, Example, collate, tiny_causal_lm
 
 VOCAB = SyntheticVocab(6)
 V = len(VOCAB)

@@ -16,7 +16,7 @@ from torch.autograd.functional import hessian, jacobian
 from distill.core.distiller import TaskInfo
 from distill.core.recipe import load_recipe
 from distill.errors import RecipeError
-from distill.logits.kd_aif import KDAIF, KDAIFParams, influence_weights, last_layer_influence, logit_derivatives
+from distill.logits.methods.kd_aif import KDAIF, KDAIFParams, influence_weights, last_layer_influence, logit_derivatives
 from distill.tasks.base import ArrayDataset
 from distill.tasks.models import Classifier
 

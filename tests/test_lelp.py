@@ -16,7 +16,7 @@ from distill.core.recipe import recipe_from_dict
 from distill.core.registry import TASKS
 from distill.core.runner import run_recipe
 from distill.errors import RecipeError
-from distill.logits.lelp import (
+from distill.logits.methods.lelp import (
     LELP,
     LELPParams,
     SubclassClassifier,

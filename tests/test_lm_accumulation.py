@@ -19,9 +19,10 @@ from safetensors.torch import load_file, save_file
 from distill.core.recipe import TrainConfig
 from distill.core.registry import METHODS
 from distill.core.trainer import EpochBatches, Trainer
-from distill.lm.base import SFT, LMDistiller, SFTParams
-from distill.lm.tasks import ArithmeticParams, build_arithmetic
-from distill.lm.text import tiny_causal_lm
+from distill.lm.base import LMDistiller
+from distill.lm.methods.sft import SFT, SFTParams
+from distill.lm.data.tasks import ArithmeticParams, build_arithmetic
+from distill.lm.data.text import tiny_causal_lm
 
 N, B, LR = 32, 4, 0.1
 METHOD_CASES = {

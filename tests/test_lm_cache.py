@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 from distill.errors import CorruptCacheError, MismatchError, RecipeError
 from distill.lm import losses as L
 from distill.lm.cache import TeacherCache, write_cache
-from distill.lm.lm_kd import LMKD, LMKDParams
-from distill.lm.task import TokenDataset, tokenizer_fingerprint
-from distill.lm.tasks import ArithmeticParams, PyTextParams, build_arithmetic, build_pytext_task
-from distill.lm.text import tiny_causal_lm
+from distill.lm.methods.lm_kd import LMKD, LMKDParams
+from distill.lm.data.task import TokenDataset, tokenizer_fingerprint
+from distill.lm.data.tasks import ArithmeticParams, PyTextParams, build_arithmetic, build_pytext_task
+from distill.lm.data.text import tiny_causal_lm
 
 ARITH = {"num_train": 40, "num_val": 10, "num_test": 10, "eval_size": 5}
 K = 5

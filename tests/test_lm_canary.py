@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from distill.lm.canary import PREFIX, encode_secrets, lm_canary_exposure, make_canaries, secret_text
-from distill.lm.tasks import PyTextParams, build_pytext_task
-from distill.lm.text import tiny_causal_lm
+from distill.lm.data.canary import PREFIX, encode_secrets, lm_canary_exposure, make_canaries, secret_text
+from distill.lm.data.tasks import PyTextParams, build_pytext_task
+from distill.lm.data.text import tiny_causal_lm
 
 N_CANARIES, REPEATS, M = 3, 5, 63
 
@@ -59,9 +59,9 @@ def test_canaries_off_leaves_the_params_dump_and_fingerprint_unchanged(plain):
     assert p.model_dump() == {"block_size": 128, "vocab_size": 512, "split_seed": 0}
     assert "canary_seed" in PyTextParams(canaries=1).model_dump()
     # the data fingerprint of a canary-free task is the one written before canaries existed
-    from distill.lm.tasks import _fingerprint
-    from distill.lm.task import tokenizer_fingerprint
-    from distill.lm.pytext import corpus_fingerprint
+    from distill.lm.data.tasks import _fingerprint
+    from distill.lm.data.task import tokenizer_fingerprint
+    from distill.lm.data.pytext import corpus_fingerprint
 
     expected = _fingerprint("pytext", {"block_size": 128, "vocab_size": 512, "split_seed": 0}, corpus_fingerprint(),
                             tokenizer_fingerprint(plain.tokenizer))

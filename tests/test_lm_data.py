@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distill.errors import MissingFileError, RecipeError
-from distill.lm.arithmetic import (
+from distill.lm.data.arithmetic import (
     CharTokenizer,
     Difficulty,
     Problem,
@@ -20,8 +20,8 @@ from distill.lm.arithmetic import (
     parse_answer,
     verify,
 )
-from distill.lm.pytext import corpus_fingerprint, split_documents, train_bpe
-from distill.lm.text import (
+from distill.lm.data.pytext import corpus_fingerprint, split_documents, train_bpe
+from distill.lm.data.text import (
     Example,
     collate,
     encode_records,

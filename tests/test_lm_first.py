@@ -12,12 +12,12 @@ import torch
 from distill.core.recipe import RecipeError, recipe_from_dict
 from distill.core.runner import run_recipe
 from distill.lm.cache import TeacherCache, write_cache
-from distill.lm.lm_first import (LMFIRST, LMFIRSTParams, first_token_loss, first_token_targets, fit_token_calibration,
+from distill.lm.methods.lm_first import (LMFIRST, LMFIRSTParams, first_token_loss, first_token_targets, fit_token_calibration,
                                  teacher_topk_on, token_calibration_ece)
 from distill.lm.losses import token_divergence
-from distill.lm.tasks import ArithmeticParams, build_arithmetic
-from distill.lm.text import tiny_causal_lm
-from distill.logits.first import CALIBRATION_GRID
+from distill.lm.data.tasks import ArithmeticParams, build_arithmetic
+from distill.lm.data.text import tiny_causal_lm
+from distill.logits.methods.first import CALIBRATION_GRID
 from distill.logits.losses import first_targets
 
 B, T, V = 3, 6, 9

@@ -14,12 +14,12 @@ from safetensors.torch import load_file
 from distill.core.recipe import recipe_from_dict
 from distill.core.runner import run_recipe
 from distill.errors import Interrupted, RecipeError
-from distill.lm.gkd import GKD, GKDParams
-from distill.lm.lm_kd import LMKD, LMKDParams
+from distill.lm.methods.gkd import GKD, GKDParams
+from distill.lm.methods.lm_kd import LMKD, LMKDParams
 from distill.lm.rollout import rollout
-from distill.lm.seq_kd import SeqKD, SeqKDParams
-from distill.lm.tasks import ArithmeticParams, build_arithmetic
-from distill.lm.text import IGNORE_INDEX, tiny_causal_lm
+from distill.lm.methods.seq_kd import SeqKD, SeqKDParams
+from distill.lm.data.tasks import ArithmeticParams, build_arithmetic
+from distill.lm.data.text import IGNORE_INDEX, tiny_causal_lm
 
 MAX_NEW = 12
 
@@ -257,7 +257,7 @@ def test_gkd_decides_per_micro_batch(data):
 
 
 def test_methods_need_prompts(data):
-    from distill.lm.task import TokenDataset
+    from distill.lm.data.task import TokenDataset
 
     info = data.task_info(False)
     info.train = TokenDataset(data.train.examples, data.train.pad_id)  # a text-only task: no prompts
@@ -353,9 +353,9 @@ def test_sampled_runs_resume_bitwise(tmp_runs, method):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the vllm backend needs a GPU")
 def test_vllm_backend_matches_hf_greedy(tmp_path):  # pragma: no cover - runs on GPU machines only
     pytest.importorskip("vllm")
-    from distill.lm.arithmetic import CharTokenizer
+    from distill.lm.data.arithmetic import CharTokenizer
     from distill.lm.rollout import rollout
-    from distill.lm.text import tiny_causal_lm
+    from distill.lm.data.text import tiny_causal_lm
 
     tok = CharTokenizer()
     model = tiny_causal_lm(None, 32, 1, 2, tok, seed=0)

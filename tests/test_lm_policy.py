@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from distill.core.recipe import recipe_from_dict
 from distill.core.runner import run_recipe
 from distill.errors import Interrupted, MissingFileError, RecipeError
-from distill.lm.gopd import GOPD, GOPDParams, gopd_advantages
-from distill.lm.grpo import GRPO, GRPOParams
+from distill.lm.methods.gopd import GOPD, GOPDParams, gopd_advantages
+from distill.lm.methods.grpo import GRPO, GRPOParams
 from distill.lm.losses import token_logprobs
 from distill.lm.policy import (
     clipped_policy_loss,
@@ -29,9 +29,9 @@ from distill.lm.policy import (
     sample_groups,
     verifier_rewards,
 )
-from distill.lm.rlad import RLAD, RLADParams, mixture_logprobs
-from distill.lm.tasks import ArithmeticParams, build_arithmetic
-from distill.lm.text import IGNORE_INDEX, tiny_causal_lm
+from distill.lm.methods.rlad import RLAD, RLADParams, mixture_logprobs
+from distill.lm.data.tasks import ArithmeticParams, build_arithmetic
+from distill.lm.data.text import IGNORE_INDEX, tiny_causal_lm
 
 MAX_NEW = 10
 

@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 from distill.core.recipe import recipe_from_dict
 from distill.core.runner import run_recipe
 from distill.errors import Interrupted, RecipeError
-from distill.lm.adpo import ADPO, ADPOParams, adpo_loss, best_target, reward_target
-from distill.lm.redi import REDI, REDIParams, redi_loss
+from distill.lm.methods.adpo import ADPO, ADPOParams, adpo_loss, best_target, reward_target
+from distill.lm.methods.redi import REDI, REDIParams, redi_loss
 from distill.lm.rollout import rollout
-from distill.lm.tasks import ArithmeticParams, build_arithmetic
-from distill.lm.text import IGNORE_INDEX, tiny_causal_lm
+from distill.lm.data.tasks import ArithmeticParams, build_arithmetic
+from distill.lm.data.text import IGNORE_INDEX, tiny_causal_lm
 
 MAX_NEW = 10
 
@@ -283,7 +283,7 @@ def test_adpo_samples_k_completions_per_prompt(data):
 
 
 def _hand_batch(data, rows: list[tuple[int, list[int]]], rewards: list[float], k: int):
-    from distill.lm.text import Example, collate
+    from distill.lm.data.text import Example, collate
 
     ex = [Example(data.train.prompts[i] + c, [IGNORE_INDEX] * len(data.train.prompts[i]) + c) for i, c in rows]
     b = collate(ex, data.tokenizer.pad_token_id)

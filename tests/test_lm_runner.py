@@ -15,11 +15,11 @@ from distill.cli import app
 from distill.core.recipe import load_recipe, recipe_from_dict, shipped_recipes
 from distill.core.runner import load_student, run_recipe
 from distill.errors import MismatchError, RecipeError
-from distill.lm import arithmetic as ar
+from distill.lm.data import arithmetic as ar
 from distill.lm.losses import token_cross_entropy
 from distill.lm.models import token_logits
-from distill.lm.tasks import ArithmeticParams, build_arithmetic
-from distill.lm.text import tiny_causal_lm
+from distill.lm.data.tasks import ArithmeticParams, build_arithmetic
+from distill.lm.data.text import tiny_causal_lm
 
 TASK = {"name": "arithmetic", "num_train": 48, "num_val": 8, "num_test": 8, "max_digits": 2, "eval_size": 4}
 TINY = {"arch": "llama", "hidden": 16, "layers": 1, "heads": 2}
@@ -196,7 +196,7 @@ def test_every_shipped_lm_recipe_runs_shortened(name, tmp_path):
 
 def test_records_from_a_saved_datasets_folder(tmp_path):
     datasets = pytest.importorskip("datasets")
-    from distill.lm.text import load_records
+    from distill.lm.data.text import load_records
 
     rows = {"prompt": ["1+1\n", "2+3\n"], "completion": ["#2", "#5"]}
     datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ds"))

@@ -12,10 +12,10 @@ from distill.core.recipe import RecipeError, TrainConfig, recipe_from_dict
 from distill.core.runner import run_recipe
 from distill.core.trainer import EpochBatches, Trainer
 from distill.errors import MismatchError
-from distill.lm.lm_taid import LMTAID, LMTAIDParams
+from distill.lm.methods.lm_taid import LMTAID, LMTAIDParams
 from distill.lm.losses import token_divergence, token_taid_loss
-from distill.lm.tasks import ArithmeticParams, build_arithmetic
-from distill.lm.text import tiny_causal_lm
+from distill.lm.data.tasks import ArithmeticParams, build_arithmetic
+from distill.lm.data.text import tiny_causal_lm
 
 B, T, V = 3, 6, 9
 

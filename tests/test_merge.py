@@ -15,10 +15,10 @@ from distill.cli import app
 from distill.core.recipe import recipe_from_dict
 from distill.core.runner import run_recipe
 from distill.errors import MismatchError, RecipeError, RunExistsError
-from distill.lm import arithmetic as ar
+from distill.lm.data import arithmetic as ar
 from distill.lm.merge import merge_models, merge_state_dicts, two_stage_merge
 from distill.lm.models import load_causal_lm
-from distill.lm.text import tiny_causal_lm
+from distill.lm.data.text import tiny_causal_lm
 
 TASK = {"name": "arithmetic", "num_train": 32, "num_val": 8, "num_test": 8, "max_digits": 2, "eval_size": 4}
 TRAIN = {"epochs": 1, "max_steps": 2, "batch_size": 16, "lr": 0.01, "progress": False, "trackers": "none"}

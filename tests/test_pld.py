@@ -13,7 +13,7 @@ from distill.core.distiller import TaskInfo
 from distill.core.recipe import load_recipe, recipe_from_dict
 from distill.core.runner import run_recipe
 from distill.logits.losses import pld_loss, teacher_optimal_permutation
-from distill.logits.pld import PlackettLuceKD, PLDParams
+from distill.logits.methods.pld import PlackettLuceKD, PLDParams
 
 
 def _lse(*v: float) -> float:

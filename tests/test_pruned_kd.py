@@ -11,7 +11,7 @@ from distill.core.checkpoint import trainable_state
 from distill.core.distiller import TaskInfo
 from distill.core.recipe import recipe_from_dict
 from distill.core.runner import run_recipe
-from distill.logits.pruned_kd import PrunedKD, PrunedKDParams, el2n_scores, kd_weight_for_fraction, select_subset
+from distill.logits.methods.pruned_kd import PrunedKD, PrunedKDParams, el2n_scores, kd_weight_for_fraction, select_subset
 from distill.tasks.base import ArrayDataset
 from distill.tasks.models import MLPParams, mlp
 

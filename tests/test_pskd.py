@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from distill.core.distiller import TaskInfo
 from distill.core.recipe import load_recipe
-from distill.logits.pskd import ProgressiveSelfKD, PSKDParams
+from distill.logits.methods.pskd import ProgressiveSelfKD, PSKDParams
 
 
 def _distiller(num_train: int = 6, epochs: int = 4) -> ProgressiveSelfKD:
@@ -112,7 +112,7 @@ def test_recipe_loads():
 def _gather_worker(rank: int, world: int, folder: str) -> None:
     import torch.distributed as dist
 
-    from distill.logits._steps import gather_rows, mean_over_processes
+    from distill.core.steps import gather_rows, mean_over_processes
 
     dist.init_process_group("gloo", init_method=f"file://{folder}/rdv", rank=rank, world_size=world)
     try:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from distill.core.distiller import TaskInfo
 from distill.errors import RecipeError
 from distill.logits.losses import anchored_kd_loss, kd_loss
-from distill.logits.recursive import RecursiveDistillation, RecursiveParams
+from distill.logits.methods.recursive import RecursiveDistillation, RecursiveParams
 from distill.tasks.base import ArrayDataset
 from distill.tasks.models import MLPParams, mlp
 

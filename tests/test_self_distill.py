@@ -11,7 +11,7 @@ from distill.core.recipe import recipe_from_dict
 from distill.core.runner import build_task, load_student, run_recipe
 from distill.logits import theory as th
 from distill.logits.losses import self_distill_loss
-from distill.logits.self_distill import estimate_label_weight
+from distill.logits.methods.self_distill import estimate_label_weight
 
 # the official toy example (Kennethborup/self_distillation, toy_example.ipynb): 11 noisy sinusoid points
 X = torch.linspace(0, 1, 11, dtype=torch.float64)[:, None]

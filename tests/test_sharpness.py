@@ -28,7 +28,7 @@ def test_engine_flags_the_sam_replay():
     from distill.core.distiller import TaskInfo
     from distill.core.recipe import TrainConfig
     from distill.core.trainer import Trainer
-    from distill.logits.ce import CEParams, CrossEntropy
+    from distill.logits.methods.ce import CEParams, CrossEntropy
     from distill.tasks.base import ArrayDataset
 
     seen: list[bool] = []

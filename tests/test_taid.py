@@ -16,7 +16,7 @@ from distill.core.runner import run_recipe
 from distill.core.trainer import Trainer
 from distill.errors import Interrupted
 from distill.logits.losses import kd_loss, taid_loss
-from distill.logits.taid import TAID, TAIDParams, TAIDSchedule
+from distill.logits.methods.taid import TAID, TAIDParams, TAIDSchedule
 from distill.tasks.base import ArrayDataset
 
 

@@ -15,7 +15,7 @@ from distill.core.distiller import TaskInfo
 from distill.core.recipe import load_recipe
 from distill.errors import RecipeError
 from distill.logits.losses import fusion_kd_loss, kd_loss
-from distill.logits.tgeo import TGeoKD, TGeoParams, geometry_features
+from distill.logits.methods.tgeo import TGeoKD, TGeoParams, geometry_features
 from distill.tasks.base import ArrayDataset
 
 

@@ -1,4 +1,4 @@
-"""Distillation-source analysis (``distill.lm.traces``, S51 and S19 DED): statistics of hand-made trace
+"""Distillation-source analysis (``distill.lm.tools.traces``, S51 and S19 DED): statistics of hand-made trace
 sets against direct computations, perplexity against a forward pass per trace, the ranking rule, the
 diverse SFT selection and its JSONL round trip through the ``jsonl`` task, sampling, and the command."""
 
@@ -16,10 +16,10 @@ import torch
 from typer.testing import CliRunner
 
 from distill.cli import app
-from distill.lm import arithmetic as ar
-from distill.lm.tasks import ArithmeticParams, JsonlParams, build_arithmetic, build_jsonl
-from distill.lm.text import tiny_causal_lm
-from distill.lm.traces import (
+from distill.lm.data import arithmetic as ar
+from distill.lm.data.tasks import ArithmeticParams, JsonlParams, build_arithmetic, build_jsonl
+from distill.lm.data.text import tiny_causal_lm
+from distill.lm.tools.traces import (
     TraceSet,
     distinct_n,
     edit_distance,

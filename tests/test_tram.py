@@ -17,7 +17,7 @@ from distill.core.runner import run_recipe
 from distill.core.sharpness import SAM, TRAM
 from distill.core.trainer import make_sharpness
 from distill.errors import RecipeError
-from distill.logits.kd import HintonKD, KDParams
+from distill.logits.methods.kd import HintonKD, KDParams
 
 
 def _distiller() -> HintonKD:

@@ -13,7 +13,7 @@ from distill.core.distiller import TaskInfo
 from distill.core.recipe import recipe_from_dict
 from distill.core.runner import build_task, load_student, run_recipe
 from distill.errors import MismatchError
-from distill.logits.unlearn_trigger import UnlearnTrigger, UnlearnTriggerParams
+from distill.logits.methods.unlearn_trigger import UnlearnTrigger, UnlearnTriggerParams
 from distill.tasks.mnist1d import MNIST1DParams, build_mnist1d
 from distill.tasks.mnist1d_backdoor import (
     BackdoorParams,

@@ -147,8 +147,8 @@ def analyze_traces(
     """Per teacher: trace lengths, diversity, correctness and perplexity under the student; teachers
     ranked; optionally diverse verified traces as SFT data (S51 source analysis, S19 DED)."""
     from distill.errors import RecipeError
-    from distill.lm.traces import analyze_traces as analyze
-    from distill.lm.traces import build_lm_task
+    from distill.lm.tools.traces import analyze_traces as analyze
+    from distill.lm.tools.traces import build_lm_task
 
     try:
         if split not in ("train", "val", "test"):
@@ -181,7 +181,7 @@ def hacking(
     """Teacher hacking (S21): oracle -> teacher -> student on tiny LMs; proxy (to the teacher) and golden (to
     the oracle) curves for offline data, online generation and more generations per prompt, with the
     paper's detection signal (deviation from polynomial convergence) and a plot."""
-    from distill.lm.hacking import HackingConfig, run_hacking, write_outputs
+    from distill.lm.tools.hacking import HackingConfig, run_hacking, write_outputs
 
     try:
         over = {"seed": seed} | ({} if steps is None else {"steps": steps})

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from distill.core.functional import kl_rows
 
 
-# calibration temperatures searched by FIRST (S03; logits/first.py and lm/methods/lm_first.py): it divides
+# calibration temperatures searched by FIRST (S03; logits/methods/first.py and lm/methods/lm_first.py): it divides
 # probabilities in [0, 1]: 1e-3 makes the target one-hot on the top-1 class, 1e2 makes it uniform over
 # the top k; a log grid covers both ends
 CALIBRATION_GRID = torch.logspace(-3, 2, 251)

@@ -52,7 +52,7 @@ class SamplerConfig(Strict):
     """Which training examples each optimizer step draws (``core/sampler.py``); absent: a fresh permutation
     of the training set every epoch. ``domains``: a fixed mixture over the task's domains (``weights``);
     ``ddk``: DDK's mixture (S48), re-weighted every ``every`` steps from the student/teacher perplexity
-    ratio per domain on the validation split (``distill.lm.ddk``)."""
+    ratio per domain on the validation split (``distill.lm.methods.ddk``)."""
 
     name: Literal["domains", "ddk"]
     weights: dict[str, float] | None = Field(

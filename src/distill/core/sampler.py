@@ -17,7 +17,7 @@ a new permutation whenever the domain is used up (DDK's "continues cyclically on
 been exhausted", S48 Sec. 3.2). A domain's permutations restart at each interval, so a step's batches
 depend only on (seed, its interval, the interval's weights) and a resume needs no cursor. Every
 micro-batch has exactly ``batch_size`` examples; micro-batch ``b`` of a step goes to process ``b mod P``.
-DDK (``distill.lm.ddk``) subclasses it and re-weights the domains every interval.
+DDK (``distill.lm.methods.ddk``) subclasses it and re-weights the domains every interval.
 """
 
 from __future__ import annotations
@@ -134,5 +134,5 @@ class DomainSampler:
 
 def make_sampler(cfg: SamplerConfig, train_set: Any, distiller: nn.Module, seed: int, batch_size: int,
                  grad_accum: int, rank: int = 0, world: int = 1) -> Sampler:
-    """The registered sampler ``cfg.name`` (``domains`` here, ``ddk`` in ``distill.lm.ddk``)."""
+    """The registered sampler ``cfg.name`` (``domains`` here, ``ddk`` in ``distill.lm.methods.ddk``)."""
     return SAMPLERS.get(cfg.name).obj(cfg, train_set, distiller, seed, batch_size, grad_accum, rank, world)

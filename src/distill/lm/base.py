@@ -1,4 +1,4 @@
-"""The base of every language-model method, and ``sft`` (next-token cross-entropy, no teacher).
+"""The base of every language-model method (``methods/``).
 
 Losses are sums over supervised tokens divided by the optimizer step's token count (``num_items``,
 set by the engine from :meth:`LMDistiller.count_items`), so gradient accumulation and several
@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distill.core.distiller import Distiller, Step, TaskInfo
-from distill.core.registry import METHODS, Params
-from distill.lm.losses import IGNORE_INDEX, token_cross_entropy
+from distill.core.distiller import Distiller, TaskInfo
+from distill.core.registry import Params
+from distill.lm.losses import IGNORE_INDEX
 from distill.lm.models import hidden_and_head, token_logits
 
 
@@ -59,20 +59,3 @@ class LMDistiller(Distiller):
         with torch.inference_mode():
             out = token_logits(self.teacher, batch, self.vocab)
         return out.clone()
-
-
-class SFTParams(Params):
-    pass
-
-
-@METHODS.register("sft", "next-token cross-entropy on the task's completions (no teacher): LM baseline, teachers",
-                  SFTParams)
-class SFT(LMDistiller):
-    """Supervised fine-tuning: ``Σ −log q(y_{i+1} | y_≤i)`` over supervised tokens / the step's token count."""
-
-    needs_teacher = False
-
-    def training_step(self, batch: dict[str, Tensor]) -> Step:
-        self.seen(batch)
-        loss = token_cross_entropy(self.student_logits(batch), batch["labels"], batch.get("num_items"))
-        return Step({"student": loss}, {"ce": loss.detach()}, summed=("ce",))

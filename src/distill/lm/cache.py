@@ -45,7 +45,7 @@ from distill.core.registry import REFS
 from distill.errors import CorruptCacheError, MismatchError, MissingFileError, RecipeError
 from distill.lm.losses import IGNORE_INDEX, _valid_rows
 from distill.lm.models import token_logits
-from distill.lm.task import LMTaskData, tokenizer_fingerprint
+from distill.lm.data.task import LMTaskData, tokenizer_fingerprint
 
 FORMAT = "distill-teacher-cache"
 VERSION = 1

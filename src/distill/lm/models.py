@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from distill.core.refs import ModelFormat
 from distill.core.registry import ARCHS, FORMATS, Params
 from distill.errors import MismatchError, MissingFileError, RecipeError
-from distill.lm.text import tiny_causal_lm
+from distill.lm.data.text import tiny_causal_lm
 
 
 class LlamaParams(Params):

@@ -55,7 +55,7 @@ from distill.lm.base import LMDistiller
 from distill.lm.losses import _reduce, token_logprobs
 from distill.lm.models import token_logits
 from distill.lm.rollout import Rollouts, rollout
-from distill.lm.task import require_prompts
+from distill.lm.data.task import require_prompts
 
 ADV_EPS = 1e-4  # TRL's and DeepSeekMath's guard in (r − mean) / (std + eps)
 

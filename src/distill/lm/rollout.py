@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.errors import RecipeError
-from distill.lm.text import IGNORE_INDEX, Example, collate
+from distill.lm.data.text import IGNORE_INDEX, Example, collate
 
 Backend = Literal["hf", "vllm"]
 

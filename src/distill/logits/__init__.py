@@ -1,4 +1,5 @@
-"""Logit-level distillation for classifiers (one file per method). Importing registers them all."""
+"""Logit-level distillation for classifiers: pure losses (``losses.py``), one file per method
+(``methods/``), the kernel-ridge theory of self-distillation (``theory.py``). Importing registers the methods."""
 
 from distill._autoimport import import_all
 

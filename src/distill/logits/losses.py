@@ -53,7 +53,7 @@ def kd_loss(
 
     ``standardize=True`` applies S35's logit standardization to both logits first (then
     ``temperature`` is S35's base temperature). Returns a scalar (or ``[batch]`` for
-    ``reduction="none"``); the CE term is the caller's (see ``distill.logits.kd``).
+    ``reduction="none"``); the CE term is the caller's (see ``distill.logits.methods.kd``).
     """
     log_p_t = F.log_softmax(_prep(teacher_logits, temperature, standardize), dim=-1)
     log_p_s = F.log_softmax(_prep(student_logits, temperature, standardize), dim=-1)

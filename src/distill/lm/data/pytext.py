@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from distill.errors import RecipeError
-from distill.lm.text import pack_blocks
+from distill.lm.data.text import pack_blocks
 
 SPECIALS = ("<pad>", "<bos>", "<eos>")
 
@@ -75,7 +75,7 @@ def split_documents(seed: int = 0, val_fraction: float = 0.1, test_fraction: flo
 def train_bpe(texts: Sequence[str], vocab_size: int = 2048, min_frequency: int = 2) -> Any:
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts``; ``vocab_size`` counts the 256
     byte symbols, the merges and the three special tokens. Calling it adds no special tokens (packing
-    and :func:`distill.lm.text.encode_pair` add ``bos``/``eos`` themselves)."""
+    and :func:`distill.lm.data.text.encode_pair` add ``bos``/``eos`` themselves)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

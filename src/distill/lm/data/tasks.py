@@ -16,10 +16,10 @@ from pydantic import Field, model_serializer, model_validator
 
 from distill.core.registry import TASKS, Params
 from distill.errors import MissingFileError, RecipeError
-from distill.lm import arithmetic as ar
-from distill.lm import canary
-from distill.lm.task import LMTaskData, TokenDataset, tokenizer_fingerprint
-from distill.lm.text import Example, encode_records, load_records
+from distill.lm.data import arithmetic as ar
+from distill.lm.data import canary
+from distill.lm.data.task import LMTaskData, TokenDataset, tokenizer_fingerprint
+from distill.lm.data.text import Example, encode_records, load_records
 
 DEFAULT_STUDENT = {"arch": "llama", "hidden": 64, "layers": 2, "heads": 4}
 
@@ -100,7 +100,7 @@ class PyTextParams(Params):
     block_size: int = Field(128, ge=8)
     vocab_size: int = Field(2048, ge=300, description="byte-level BPE vocabulary (256 bytes + merges + 3 specials)")
     split_seed: int = 0
-    canaries: int = Field(0, ge=0, description="planted secrets in the training text (distill.lm.canary); 0 = off")
+    canaries: int = Field(0, ge=0, description="planted secrets in the training text (distill.lm.data.canary); 0 = off")
     canary_repeats: int = Field(4, ge=1, description="copies of each canary among the training documents")
     canary_candidates: int = Field(1000, ge=1, description="random candidates each canary is ranked against")
     canary_seed: int = 1234
@@ -117,7 +117,7 @@ class PyTextParams(Params):
 
 @TASKS.register("pytext", "language modelling on CPython's reference-manual topics, byte-level BPE (LM)", PyTextParams)
 def build_pytext_task(p: PyTextParams) -> LMTaskData:
-    from distill.lm.pytext import build_pytext
+    from distill.lm.data.pytext import build_pytext
 
     secrets, candidates = canary.make_canaries(p.canaries, p.canary_candidates, p.canary_seed) if p.canaries else ([], [])
     planted = [canary.secret_text(s) for s in secrets for _ in range(p.canary_repeats)]

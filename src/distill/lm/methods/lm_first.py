@@ -57,7 +57,7 @@ from distill.core.registry import METHODS, Params
 from distill.errors import RecipeError
 from distill.lm import losses as L
 from distill.lm.base import LMDistiller
-from distill.lm.lm_kd import fused_cross_entropy
+from distill.lm.methods.lm_kd import fused_cross_entropy
 from distill.lm.losses import _valid_rows
 from distill.lm.models import token_logits
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from distill.errors import RecipeError
-from distill.lm.text import Example, encode_pair
+from distill.lm.data.text import Example, encode_pair
 
 Op = Literal["+", "-", "*"]
 ALPHABET = "0123456789+-*=#|<\n "

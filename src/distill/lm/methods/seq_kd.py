@@ -34,8 +34,8 @@ from distill.core.registry import METHODS, Params
 from distill.lm.base import LMDistiller
 from distill.lm.losses import token_cross_entropy
 from distill.lm.rollout import Rollouts, completion_examples, rollout
-from distill.lm.task import require_prompts
-from distill.lm.text import collate
+from distill.lm.data.task import require_prompts
+from distill.lm.data.text import collate
 
 
 class SeqKDParams(Params):

@@ -56,7 +56,7 @@ from distill.errors import MissingFileError, RecipeError
 from distill.lm.losses import token_logprobs
 from distill.lm.models import token_logits
 from distill.lm.rollout import rollout
-from distill.lm.text import IGNORE_INDEX, Example, collate, load_jsonl
+from distill.lm.data.text import IGNORE_INDEX, Example, collate, load_jsonl
 
 CRITERIA: tuple[tuple[str, int], ...] = (
     ("accuracy", +1), ("student_nll_correct", -1), ("len_cv", +1), ("pairwise_diversity", +1),

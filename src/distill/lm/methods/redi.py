@@ -59,8 +59,8 @@ from distill.lm.base import LMDistiller
 from distill.lm.losses import sequence_logprob, token_cross_entropy
 from distill.lm.policy import verifier_rewards
 from distill.lm.rollout import rollout
-from distill.lm.task import require_prompts
-from distill.lm.text import IGNORE_INDEX, Example, collate
+from distill.lm.data.task import require_prompts
+from distill.lm.data.text import IGNORE_INDEX, Example, collate
 
 
 class REDIParams(Params):

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from distill.core.distiller import TaskInfo
 from distill.errors import RecipeError
 from distill.lm import models
-from distill.lm.text import Example, collate
+from distill.lm.data.text import Example, collate
 
 
 class TokenDataset(Dataset):

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from distill.core.distiller import Distiller, Step, TaskInfo
 from distill.core.registry import ARCHS, METHODS, Params
 from distill.errors import MismatchError, RecipeError
-from distill.logits.kd import labeled_ce
+from distill.logits.methods.kd import labeled_ce
 from distill.logits.losses import kd_loss
 from distill.tasks.models import build_model
 

@@ -3,7 +3,7 @@ Interpolated Distillation"), token-level on the dataset's sequences.
 
 Per supervised token, the cross-entropy to ``p_t = softmax((1 − t)·sg(s) + t·z_teacher)``
 (``distill.lm.losses.token_taid_loss``), with t rising from ``t_start`` to ``t_end`` by the adaptive
-rule of S60 Algorithm 1 (``distill.logits.taid.TAIDSchedule``, shared with the classifier ``taid``).
+rule of S60 Algorithm 1 (``distill.logits.methods.taid.TAIDSchedule``, shared with the classifier ``taid``).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from distill.core.distiller import Step, TaskInfo
 from distill.core.registry import METHODS
 from distill.lm.base import LMDistiller
 from distill.lm.losses import token_taid_loss
-from distill.logits._steps import mean_over_processes
-from distill.logits.taid import TAIDParams, WithTAIDSchedule
+from distill.core.steps import mean_over_processes
+from distill.logits.methods.taid import TAIDParams, WithTAIDSchedule
 
 
 class LMTAIDParams(TAIDParams):

@@ -11,7 +11,7 @@ from torch.func import functional_call
 from distill.core.distiller import Distiller, Step, TaskInfo
 from distill.core.registry import METHODS, Params
 from distill.errors import RecipeError
-from distill.logits._steps import StepRecords, gather_rows
+from distill.core.steps import StepRecords, gather_rows
 from distill.logits.losses import fusion_kd_loss
 
 

@@ -73,7 +73,7 @@ from distill.errors import RecipeError
 from distill.lm.losses import KINDS, token_cross_entropy, token_divergence
 from distill.lm.models import token_logits
 from distill.lm.rollout import rollout
-from distill.lm.text import Example, collate, tiny_causal_lm
+from distill.lm.data.text import Example, collate, tiny_causal_lm
 
 REGIMES = ("offline", "online_student", "online_teacher", "multi_gen")
 

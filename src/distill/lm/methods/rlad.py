@@ -42,7 +42,7 @@ from pydantic import Field
 from torch import Tensor
 
 from distill.core.registry import METHODS
-from distill.lm.grpo import GRPO, GRPOParams
+from distill.lm.methods.grpo import GRPO, GRPOParams
 from distill.lm.policy import token_mean
 
 Mixture = Literal["prob", "log"]

@@ -12,7 +12,7 @@ from distill.core.distiller import Distiller, Step, TaskInfo
 from distill.core.metrics import kl_to_teacher, predict
 from distill.core.registry import METHODS, Params
 from distill.errors import RecipeError
-from distill.logits.kd import labeled_ce
+from distill.logits.methods.kd import labeled_ce
 from distill.logits.losses import anchored_kd_loss
 
 

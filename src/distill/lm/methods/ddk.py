@@ -41,7 +41,7 @@ from distill.core.recipe import SamplerConfig
 from distill.core.sampler import SAMPLERS, DomainSampler, domains_of
 from distill.errors import RecipeError
 from distill.lm.metrics import token_metrics
-from distill.lm.task import TokenDataset
+from distill.lm.data.task import TokenDataset
 
 
 def discrepancy_factor(ppl_student: Tensor, ppl_teacher: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from distill.core.distiller import Distiller, Step
 from distill.core.registry import METHODS, Params
-from distill.logits.kd import targets_or_teacher
+from distill.logits.methods.kd import targets_or_teacher
 from distill.logits.losses import pld_loss
 
 

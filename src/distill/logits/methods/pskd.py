@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from distill.core.distiller import Distiller, Step, TaskInfo
 from distill.core.registry import METHODS, Params
-from distill.logits._steps import StepRecords, gather_rows
+from distill.core.steps import StepRecords, gather_rows
 from distill.logits.losses import soft_cross_entropy
 
 

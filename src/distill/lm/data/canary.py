@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from distill.lm.losses import sequence_logprob
 from distill.lm.models import token_logits
-from distill.lm.text import Example, collate, encode_pair
+from distill.lm.data.text import Example, collate, encode_pair
 from distill.core.metrics import exposure
 
 PREFIX = "The random number is"

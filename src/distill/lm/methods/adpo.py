@@ -69,7 +69,7 @@ from distill.lm.base import LMDistiller
 from distill.lm.losses import sequence_logprob
 from distill.lm.models import token_logits
 from distill.lm.policy import frozen_copy, group_advantages, sample_groups, verifier_rewards
-from distill.lm.task import require_prompts
+from distill.lm.data.task import require_prompts
 
 
 class ADPOParams(Params):

@@ -1,7 +1,5 @@
-"""Helpers for methods whose state follows the data seen in an optimizer step (TAID's t, PS-KD's memory).
-
-Not a method module (the leading underscore keeps it out of the auto-import).
-"""
+"""Helpers for methods whose state follows the data seen in an optimizer step (TAID's t, PS-KD's memory),
+in any family: what one optimizer step's micro-batches produced, averaged over processes."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from distill.core.distiller import Distiller, Step, TaskInfo
 from distill.core.registry import METHODS, Params
-from distill.logits._steps import StepRecords, mean_over_processes
+from distill.core.steps import StepRecords, mean_over_processes
 from distill.logits.losses import taid_loss
 
 

@@ -10,7 +10,7 @@ from distill.core.distiller import Distiller, Step, TaskInfo
 from distill.core.metrics import CALIBRATION_GRID, ece, predict
 from distill.core.registry import METHODS, Params
 from distill.errors import RecipeError
-from distill.logits.kd import labeled_ce
+from distill.logits.methods.kd import labeled_ce
 from distill.logits.losses import first_loss, first_targets
 
 

@@ -20,7 +20,7 @@ class SelfDistillParams(Params):
     label_weight: float = Field(
         0.5, ge=0, le=1,
         description="ξ, the weight of the labels in the target (the paper's alpha); 1 = labels only, 0 = teacher only. "
-        "Estimate it with distill.logits.self_distill.estimate_label_weight",
+        "Estimate it with distill.logits.methods.self_distill.estimate_label_weight",
     )
     loss: Literal["mse", "ce"] = Field(
         "mse", description="mse on probabilities (the paper and its code) or soft cross-entropy")

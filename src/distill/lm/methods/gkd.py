@@ -47,7 +47,7 @@ from distill.core.registry import METHODS, Params
 from distill.lm import losses as L
 from distill.lm.base import LMDistiller
 from distill.lm.rollout import rollout
-from distill.lm.task import require_prompts
+from distill.lm.data.task import require_prompts
 
 
 class GKDParams(Params):
