@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from distill.errors import DistillError, Interrupted
+from distill.errors import DistillError, Interrupted, MissingFileError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Knowledge distillation: train a small student from a large teacher with a proven method.")
@@ -66,6 +66,7 @@ def cache_teacher(
     shard_size: int = typer.Option(1024, "--shard-size", min=1, help="samples per shard"),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="samples per teacher forward"),
     runs: Path = typer.Option(Path("runs"), "--runs", help="where a teacher recipe is trained (<runs>/_teachers)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a cache written with other settings"),
 ) -> None:
     """Run RECIPE's teacher once over its task's training split and store its top-k log-probs in DIR.
     Interrupted, the same command resumes after the last complete shard."""
@@ -74,7 +75,8 @@ def cache_teacher(
 
     try:
         r = load_recipe(recipe, set_)
-        folder = cache_from_recipe(r, out, top_k, dtype, shard_size, batch_size, runs, progress=True)
+        folder = cache_from_recipe(r, out, top_k, dtype, shard_size, batch_size, runs, progress=True,
+                                   overwrite=overwrite)
         m = read_manifest(folder)
     except DistillError as err:
         _fail(err)
@@ -244,7 +246,11 @@ def eval_(run_dir: Path = typer.Argument(..., help="a finished run folder")) -> 
         recipe = recipe_from_dict(yaml.safe_load(path.read_text()), base_dir=run_dir)
         ops = task_ops(build_task(recipe))
         student = ops.load_model(run_dir)
-        t_dir = resolve_teacher(recipe, run_dir.parent, progress=True) if recipe.teacher else None
+        try:  # never trains: a run folder copied elsewhere is evaluated without its teacher
+            t_dir = resolve_teacher(recipe, run_dir.parent, progress=True, train=False) if recipe.teacher else None
+        except MissingFileError as err:
+            err_console.print(f"[yellow]note:[/] teacher metrics left out: {err}", highlight=False, soft_wrap=True)
+            t_dir = None
         teacher = ops.load_model(t_dir) if t_dir else None
         metrics = ops.final_metrics(student, teacher)
     except DistillError as err:
@@ -303,6 +309,173 @@ def demo(
 ) -> None:
     """MNIST-1D: a teacher, then a much smaller student with ce, kd, dkd and kd + standardization."""
     _bench("demo", seeds, out, [])
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from distill import __version__
+
+        out_console.print(f"distill {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="print the version and exit"),
+) -> None:
+    pass
+
+
+def _type_name(field) -> str:
+    """A parameter's type for people: ``float ≥ 0``, ``forward_kl | reverse_kl``, ``int | None``."""
+    import typing
+
+    ann = field.annotation
+    if typing.get_origin(ann) is typing.Literal:
+        shown = " | ".join(str(a) for a in typing.get_args(ann))
+    elif isinstance(ann, type):
+        shown = ann.__name__
+    else:
+        shown = str(ann).replace("typing.", "").replace("NoneType", "None")
+    symbols = {"gt": ">", "ge": "≥", "lt": "<", "le": "≤"}
+    bounds = [f"{sym} {getattr(m, k)}" for m in field.metadata for k, sym in symbols.items() if hasattr(m, k)]
+    return f"{shown} {', '.join(bounds)}" if bounds else shown
+
+
+def _default(field) -> str:
+    import json
+
+    from pydantic_core import PydanticUndefined
+
+    if field.is_required():
+        return "required"
+    value = field.default_factory() if field.default is PydanticUndefined and field.default_factory else field.default
+    if hasattr(value, "model_dump"):
+        value = value.model_dump()
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _print_params(params, section: str) -> None:
+    fields = params.model_fields
+    if not fields:
+        out_console.print(f"[bold]parameters[/] ({section}): none", highlight=False)
+        return
+    out_console.print(f"[bold]parameters[/] ({section}; change one with --set {section.split(':')[0]}.KEY=VALUE)",
+                      highlight=False, soft_wrap=True)
+    rows = [(k, _type_name(f), _default(f), f.description or "") for k, f in fields.items()]
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    for name, typ, default, desc in rows:
+        line = f"  {name:<{w[0]}}  {typ:<{w[1]}}  {default:<{w[2]}}  {desc}".rstrip()
+        out_console.print(line, highlight=False, soft_wrap=True, markup=False)
+
+
+def _print_paper(label: str, p) -> None:
+    out_console.print(f"{label:<7}{p.id:<5}{p.title}", highlight=False, soft_wrap=True, markup=False)
+    more = ", ".join(x for x in (p.cite(), p.url) if x and x != "—")
+    if more or not p.note:
+        out_console.print(f"{'':<12}{more or 'authors, year and arXiv id: not known here'}", highlight=False,
+                          soft_wrap=True, markup=False)
+    if p.note:
+        out_console.print(f"{'':<12}({p.note})", highlight=False, soft_wrap=True, markup=False)
+
+
+def _recipes_using(section: str, key: str, name: str) -> list[tuple[str, str]]:
+    """Shipped recipes whose ``section`` (or a stage's) names ``name``: (recipe, where)."""
+    import yaml
+
+    from distill.core.recipe import shipped_recipe, shipped_recipes
+
+    def named(block) -> bool:
+        return block == name or (isinstance(block, dict) and block.get(key) == name)
+
+    found = []
+    for r in shipped_recipes():
+        try:
+            data = yaml.safe_load(shipped_recipe(r).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        if named(data.get(section)):
+            found.append((r, ""))
+        found += [(r, f"stage {s.get('name', i)}") for i, s in enumerate(data.get("stages") or [])
+                  if isinstance(s, dict) and named(s.get(section)) and not named(data.get(section))]
+    return found
+
+
+def _print_recipes(found: list[tuple[str, str]]) -> None:
+    from distill.core.recipe import shipped_recipe
+
+    if not found:
+        out_console.print("[bold]recipes[/]: no shipped recipe uses it", highlight=False)
+        return
+    out_console.print("[bold]recipes[/] (distill run NAME; copy the file to start your own)", highlight=False)
+    w = max(len(r) for r, _ in found)
+    for r, where in found:
+        extra = f"  ({where})" if where else ""
+        out_console.print(f"  {r:<{w}}  {shipped_recipe(r)}{extra}", highlight=False, soft_wrap=True, markup=False)
+
+
+@app.command()
+def show(name: str = typer.Argument(..., help="a method, task or arch name (`distill list`), or a paper id (S35, B1)")) -> None:
+    """A method's description, paper(s), parameters with defaults and shipped recipes; a task's or an
+    arch's parameters; or a paper id's title, authors, year and arXiv id."""
+    from distill import papers
+    from distill.core.registry import ARCHS, METHODS, TASKS, load_plugins
+    from distill.errors import RecipeError, did_you_mean
+
+    try:
+        load_plugins()
+        shown = False
+        if name in METHODS:
+            e = METHODS.get(name)
+            out_console.print(f"[bold]{e.name}[/] (method): {e.description}", highlight=False, soft_wrap=True)
+            ps = papers.method_papers(name)
+            if ps is None:
+                out_console.print("paper: not recorded (no entry in distill.papers.METHOD_PAPERS)", highlight=False)
+            elif not ps:
+                out_console.print("paper: none (a baseline)", highlight=False)
+            for i, p in enumerate(ps or []):
+                _print_paper("paper" if i == 0 else "also", p)
+            _print_params(e.params, f"method: {{name: {name}, ...}}")
+            _print_recipes(_recipes_using("method", "name", name))
+            shown = True
+        if name in TASKS:
+            e = TASKS.get(name)
+            out_console.print(f"[bold]{e.name}[/] (task): {e.description}", highlight=False, soft_wrap=True)
+            _print_params(e.params, f"task: {{name: {name}, ...}}")
+            _print_recipes(_recipes_using("task", "name", name))
+            shown = True
+        if name in ARCHS:
+            e = ARCHS.get(name)
+            out_console.print(f"[bold]{e.name}[/] (arch): {e.description}", highlight=False, soft_wrap=True)
+            _print_params(e.params, f"student: {{arch: {name}, ...}}")
+            _print_recipes(_recipes_using("student", "arch", name))
+            shown = True
+        paper = papers.find(name)
+        if paper is not None:
+            _print_paper("paper", paper)
+            users = papers.used_by(paper.id)
+            out_console.print(f"used by: {'; '.join(users) if users else 'nothing implemented yet'}",
+                              highlight=False, soft_wrap=True, markup=False)
+            shown = True
+        if not shown:
+            known = [e.name for reg in (METHODS, TASKS, ARCHS) for e in reg.entries()] + list(papers.PAPERS)
+            raise RecipeError(f"unknown method, task, arch or paper id '{name}'{did_you_mean(name, known)}; "
+                              "`distill list` shows the names, `distill papers` the paper ids")
+    except DistillError as err:
+        _fail(err)
+
+
+@app.command()
+def papers() -> None:
+    """Every paper id cited in docstrings, recipes and the README: title, authors, year, arXiv id."""
+    from distill import papers as P
+
+    for p in P.PAPERS.values():
+        users = [u.removeprefix("method ") for u in P.used_by(p.id)]
+        used = f"  [{', '.join(users)}]" if users else ""
+        cite = p.cite() if p.cite() != "—" else (p.note or "—")
+        out_console.print(f"{p.id:<9}{p.title}  ({cite}){used}", highlight=False, soft_wrap=True, markup=False)
 
 
 def main() -> None:  # pragma: no cover

@@ -22,12 +22,28 @@ class MismatchError(DistillError):
     """Teacher and student disagree (class count, vocabulary)."""
 
 
+class DataError(DistillError, ValueError):
+    """Data passed from Python is unusable: empty, non-finite inputs, labels that are not class indices in range."""
+
+
+class ModelError(DistillError):
+    """A model passed from Python cannot be used: not a module, fails on a real batch, returns no logits."""
+
+
 class NaNLossError(DistillError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 class RunExistsError(DistillError):
     """The run folder already exists with a different recipe."""
+
+
+class RunLockedError(DistillError):
+    """Another process is writing the same run folder."""
+
+
+class WeightsError(DistillError):
+    """A weights file does not match the model it is loaded into (missing, unexpected or mis-shaped tensors)."""
 
 
 class CorruptCacheError(DistillError):

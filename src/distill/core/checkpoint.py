@@ -1,10 +1,15 @@
 """Checkpoints: weights in safetensors, optimizer/schedule/RNG state loaded with weights_only=True,
-trainer and method state in JSON. Written to a temporary folder, then renamed into place, so a
-crash never leaves a half-written checkpoint."""
+trainer and method state in JSON.
+
+Crash-safe: a checkpoint is written to ``.latest.tmp`` (``state.json`` last), every file and the folder
+fsynced, then the previous ``latest`` is moved to ``.latest.old`` and the new one renamed into place.
+A crash at any point leaves a complete checkpoint that ``find`` returns: ``latest``, or, when the crash
+fell between the two renames, ``.latest.old``."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -49,8 +54,29 @@ def _set_rng_state(s: dict[str, Any]) -> None:
     np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:]))
 
 
+def _complete(d: Path) -> bool:
+    return all((d / f).is_file() for f in ("model.safetensors", "optim.pt", "state.json"))
+
+
+def find(folder: Path) -> Path | None:
+    """The last complete checkpoint in ``folder``: ``latest``, else ``.latest.old`` (a crash between the
+    two renames of ``save``), else None."""
+    for d in (folder / LATEST, folder / f".{LATEST}.old"):
+        if _complete(d):
+            return d
+    return None
+
+
 def exists(folder: Path) -> bool:
-    return (folder / LATEST / "state.json").is_file()
+    return find(folder) is not None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save(folder: Path, distiller: Distiller, optimizers: list, schedulers: list, state: dict[str, Any]) -> None:
@@ -69,18 +95,26 @@ def save(folder: Path, distiller: Distiller, optimizers: list, schedulers: list,
         tmp / "optim.pt",
     )
     meta = {"trainer": state, "rng": _rng_state(), "method": distiller.state_extra(), "epoch": distiller.epoch}
-    (tmp / "state.json").write_text(json.dumps(meta))
+    (tmp / "state.json").write_text(json.dumps(meta))  # last: its presence marks a complete checkpoint
+    for f in ("model.safetensors", "optim.pt", "state.json"):
+        _fsync(tmp / f)
+    _fsync(tmp)
     final = folder / LATEST
     old = folder / f".{LATEST}.old"
-    if final.exists():
+    if _complete(final):
+        shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
+    else:
+        shutil.rmtree(final, ignore_errors=True)
+    _fsync(folder)
     tmp.rename(final)
+    _fsync(folder)
     shutil.rmtree(old, ignore_errors=True)
 
 
 def load(folder: Path, distiller: Distiller, optimizers: list, schedulers: list, device: torch.device) -> dict[str, Any]:
-    src = folder / LATEST
-    if not exists(folder):
+    src = find(folder)
+    if src is None:
         raise MissingFileError(f"no checkpoint in {folder}")
     missing, unexpected = distiller.load_state_dict(load_file(str(src / "model.safetensors"), device=str(device)), strict=False)
     missing = [k for k in missing if not k.startswith("teacher.") or distiller.teacher_trainable]
@@ -105,7 +139,9 @@ def save_best(folder: Path, student: nn.Module) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".best.tmp.safetensors"
     save_file(cpu_tensors(student.state_dict()), str(tmp))
+    _fsync(tmp)
     tmp.replace(folder / "best_student.safetensors")
+    _fsync(folder)
 
 
 def load_best(folder: Path, student: nn.Module) -> None:

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_serializer, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from distill.core.registry import ARCHS, METHODS, REFS, TASKS, Params, Registry
+from distill.core.rundir import check_run_name
 from distill.errors import MissingFileError, RecipeError, did_you_mean
 
 
@@ -97,11 +99,53 @@ class TrainConfig(Strict):
     early_stopping: EarlyStopping | None = None
     groups: dict[str, GroupOverride] = Field(default_factory=dict)
     cache_teacher: bool = Field(True, description="precompute a frozen teacher's logits on the training set once")
-    trackers: Literal["auto", "none", "tensorboard"] = "auto"
+    trackers: str | list[str] = Field(
+        "auto", description="experiment trackers, by Accelerate's names (tensorboard, wandb, mlflow, comet_ml, aim, "
+        "clearml, dvclive, ...): one name or a list, installed by you; auto: tensorboard when installed; none")
     progress: bool = True
+    progress_every: float | None = Field(
+        None, gt=0, description="seconds between progress lines when stdout is not a terminal (default 30)")
     sampler: SamplerConfig | None = Field(None, description="domain-mixture sampling (default: epoch permutations)")
 
-    _optional: ClassVar[tuple[str, ...]] = ("sampler",)
+    _optional: ClassVar[tuple[str, ...]] = ("sampler", "progress_every")
+
+    @field_validator("trackers")
+    @classmethod
+    def _trackers(cls, v: str | list[str]) -> str | list[str]:
+        """Kept as given (the default serialises as ``auto``, as before); every name must be one Accelerate
+        knows and whose package is installed, so a typo or a missing package fails before anything trains."""
+        names = [v] if isinstance(v, str) else list(v)
+        if not names:
+            raise ValueError("give a tracker name, a list of names, 'auto' or 'none'")
+        if len(names) > 1 and {"auto", "none"} & set(names):
+            raise ValueError("'auto' and 'none' stand alone, not in a list")
+        if len(set(names)) != len(names):
+            raise ValueError(f"a tracker is named twice in {names}")
+        if names[0] in ("auto", "none"):
+            return v
+        known, available = cls.accelerate_trackers()
+        for n in names:
+            if n not in known:
+                raise ValueError(f"unknown tracker '{n}'{did_you_mean(n, known)}; "
+                                 f"Accelerate supports {', '.join(known)} (or auto, none)")
+            if n not in available:
+                raise ValueError(f"tracker '{n}' is not installed (pip install {n}), or choose another (none: no tracker)")
+        return v
+
+    @staticmethod
+    def accelerate_trackers() -> tuple[list[str], list[str]]:
+        """The tracker names this Accelerate supports, and those whose package is installed."""
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+        return list(LOGGER_TYPE_TO_CLASS), [str(t) for t in get_available_trackers()]
+
+    def tracker_names(self) -> list[str]:
+        """The trackers to log with: ``auto`` is tensorboard when installed, ``none`` none."""
+        if self.trackers == "none":
+            return []
+        if self.trackers == "auto":
+            return ["tensorboard"] if "tensorboard" in self.accelerate_trackers()[1] else []
+        return [self.trackers] if isinstance(self.trackers, str) else list(self.trackers)
 
 
 
@@ -170,14 +214,26 @@ class Stage(Strict):
     """One stage of a staged recipe (S24 AceReason's curricula; ``core/stages.py``): the base recipe with
     ``method`` replaced, ``train`` merged key by key, then the ``set`` overrides (``--set`` syntax)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str
     set: list[str] = Field(default_factory=list, description="overrides of the base recipe: key.path=value")
     train: dict[str, Any] = Field(default_factory=dict, description="this stage's train keys (merged into the base's)")
     method: str | dict[str, Any] | None = Field(None, description="this stage's method (replaces the base's)")
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _run_name(v)
+
+
+def _run_name(v: str) -> str:
+    try:
+        return check_run_name(v, "name")
+    except RecipeError as err:
+        raise ValueError(str(err)) from None
+
 
 class Recipe(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str
     seed: int = 0
     task: Component
     student: Component | None = None
@@ -189,6 +245,11 @@ class Recipe(Strict):
     base_dir: str = Field(".", exclude=True, description="folder that relative paths resolve against")
 
     _optional: ClassVar[tuple[str, ...]] = ("init", "stages")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _run_name(v)
 
     @model_validator(mode="after")
     def _student_or_init(self) -> "Recipe":
@@ -327,10 +388,32 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(value)
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+_REF_KEYS = ("teacher", "init")
+_PATH_KINDS = ("run", "model", "cache")
+
+
+def _from_cwd(path: list[str], value: Any, cwd: Path) -> Any:
+    """A model reference's folder given on the command line (``--set teacher.run=DIR``, ``--set
+    'teacher={cache: DIR}'``) is relative to the working directory, not to the recipe file."""
+    if path[0] not in _REF_KEYS:
+        return value
+    if len(path) == 1 and isinstance(value, dict):
+        return {k: _from_cwd([path[0], str(k)], v, cwd) for k, v in value.items()}
+    if len(path) == 2 and isinstance(value, str):
+        p = Path(value).expanduser()
+        if path[1] in _PATH_KINDS or (path[1] == "recipe" and (cwd / p).is_file()):  # else a shipped recipe's name
+            return str(p if p.is_absolute() else cwd / p)
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], cwd: Path | None = None) -> dict[str, Any]:
+    """``data`` with ``key.path=value`` overrides applied; with ``cwd``, model-reference paths in them are
+    made absolute against it (command-line paths are relative to the working directory)."""
     data = copy.deepcopy(data)
     for item in overrides:
         path, value = parse_override(item)
+        if cwd is not None:
+            value = _from_cwd(path, value, cwd)
         node = data
         for k in path[:-1]:
             if isinstance(node.get(k), str) and k in _SECTION_KEYS:  # 'method: kd' shorthand
@@ -350,7 +433,7 @@ def load_recipe(ref: str | Path, overrides: list[str] | None = None, base_dir: s
         raise RecipeError(f"recipe {path}: not valid YAML ({err})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path}: must be a YAML mapping")
-    return recipe_from_dict(apply_overrides(data, overrides or []), base_dir=path.parent)
+    return recipe_from_dict(apply_overrides(data, overrides or [], cwd=Path.cwd()), base_dir=path.parent)
 
 
 # --- staged recipes (run by core/stages.py) -------------------------------------------------------

@@ -40,17 +40,19 @@ from typing import Any
 import yaml
 from torch import nn
 
+from distill.core import checkpoint as ckpt
 from distill.core import report
 from distill.core.recipe import Recipe, stage_folder, stage_recipe, stage_recipes
 from distill.core.refs import resolved_recipe
-from distill.core.rundir import RunResult
+from distill.core.rundir import PARTIAL, RunResult, describe_diff, recipe_diff
+from distill.errors import MissingFileError, RecipeError, RunExistsError
 
 STAGES = "stages"
 
 
 def _kept(folder: Path) -> bool:
     """Whether a stage folder holds work worth resuming: a finished stage or a checkpoint."""
-    return (folder / "metrics.json").is_file() or (folder / "checkpoints" / "latest").is_dir()
+    return (folder / "metrics.json").is_file() or ckpt.exists(folder / "checkpoints")
 
 
 def _relocate(stage_dir: Path, old: str, new: str) -> None:
@@ -67,26 +69,40 @@ def _last_step(history: list[dict[str, Any]]) -> int:
     return max((int(r["step"]) for r in history), default=0)
 
 
-def run_stages(recipe: Recipe, out: Path, name: str, resume: bool, progress: bool | None,
+def run_stages(recipe: Recipe, out: Path, name: str, resume: bool, overwrite: bool, progress: bool | None,
                teacher: nn.Module | None, refs: Path, run_recipe: Callable[..., RunResult]) -> RunResult:
     """Train the stages of ``recipe`` one after another into ``<out>/<name>`` (see the module doc).
-    Called by ``run_recipe`` (passed in, so each stage is an ordinary run), which has already checked
-    for (and reused) a finished folder."""
+    Called by ``run_recipe`` (passed in, so each stage is an ordinary run) under the run's lock, which
+    has already checked for (and reused) a finished folder."""
     assert recipe.stages is not None
     stage_recipes(recipe)  # again, for recipes built without recipe_from_dict
     final, partial = out / name, out / f"{name}.partial"
     resolved = resolved_recipe(recipe)
-    if partial.exists() and not resume:
-        shutil.rmtree(partial)
     folder = partial / STAGES
+    kept = folder.is_dir() and any(_kept(f) for f in folder.iterdir())
+    if resume:
+        if not kept:
+            raise MissingFileError(f"--resume: no interrupted run to resume (no stage to continue in {partial}); "
+                                   "run without --resume to start")
+        old = yaml.safe_load((partial / "recipe.yaml").read_text())
+        diff = recipe_diff(old, resolved)
+        if diff:
+            raise RecipeError(f"--resume: the recipe differs from the interrupted run's ({describe_diff(old, resolved, diff)}); "
+                              "resume with the same recipe, or start over with --overwrite")
+    elif kept and not overwrite:
+        raise RunExistsError(f"{partial} holds an interrupted staged run; continue it with --resume, or start over "
+                             "with --overwrite")
+    elif partial.exists():
+        shutil.rmtree(partial)  # ours, with nothing to resume (or --overwrite)
     folder.mkdir(parents=True, exist_ok=True)
     (partial / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     results = []
     start: str | None = None
     try:
         for i in range(len(recipe.stages)):
-            res = run_recipe(stage_recipe(recipe, i, start), out=folder, name=stage_folder(i, recipe), resume=resume,
-                             progress=progress, teacher=teacher, refs_out=refs)
+            stage = stage_folder(i, recipe)  # resume only the stage that was interrupted; finished ones are reused
+            res = run_recipe(stage_recipe(recipe, i, start), out=folder, name=stage, progress=progress, teacher=teacher,
+                             resume=resume and ckpt.exists(folder / f"{stage}{PARTIAL}" / "checkpoints"), refs_out=refs)
             results.append(res)
             start = str(res.run_dir.resolve())
     except BaseException:

@@ -4,13 +4,19 @@ It places the distiller on the device(s), builds one optimizer (and schedule) pe
 the distiller declares, runs gradient accumulation and mixed precision, evaluates, stops early,
 checkpoints (weights, optimizers, schedules, RNG, method state) and resumes exactly. A SIGINT ends
 the current step, writes a checkpoint and raises ``Interrupted``.
+
+Progress: a rich bar when stdout is a terminal; otherwise (nohup, Slurm, a pipe) a line on stderr every
+``train.progress_every`` seconds (default 30). Both name the run; a teacher or init recipe trained into
+the cache (``<out>/_teachers/<name>-<fingerprint>``) reads ``teacher <name>``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import re
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,11 +32,13 @@ from torch.utils.data import Dataset, default_collate
 from distill.core import checkpoint as ckpt
 from distill.core.distiller import Distiller
 from distill.core.recipe import TrainConfig
+from distill.core.rundir import PARTIAL
 from distill.core.sampler import make_sampler
 from distill.core.sharpness import SAM, TRAM
 from distill.errors import Interrupted, NaNLossError, RecipeError
 
 EvalFn = Callable[[nn.Module], dict[str, float]]
+PROGRESS_EVERY = 30.0  # seconds between progress lines when stdout is not a terminal (train.progress_every)
 
 
 def make_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float, momentum: float):
@@ -95,22 +103,39 @@ def make_sharpness(cfg: TrainConfig, params: list[nn.Parameter], distiller: Dist
 
 
 def new_accelerator(cfg: TrainConfig, run_dir: Path | None) -> Accelerator:
+    """An Accelerator for one run, logging to ``train.trackers`` (only with a run folder). TensorBoard
+    writes to ``<run>/tensorboard``; the others get project ``distill``, the run named after its folder."""
     AcceleratorState._reset_state()  # several runs in one process may differ in precision
-    log_with = None
-    if run_dir is not None and cfg.trackers != "none":
-        try:
-            import tensorboard  # noqa: F401
+    log_with: list[Any] = []
+    if run_dir is not None:
+        names = cfg.tracker_names()
+        missing = [n for n in names if n not in TrainConfig.accelerate_trackers()[1]]
+        if missing:  # validated with the recipe; again here for configs built without validation
+            raise RecipeError(f"train.trackers: {', '.join(missing)} not installed (pip install {' '.join(missing)})")
+        for n in names:
+            if n == "tensorboard":  # its folder is <logging_dir>/<project>: keep <run>/tensorboard
+                from accelerate.tracking import TensorBoardTracker
 
-            log_with = "tensorboard"
-        except ImportError:
-            if cfg.trackers == "tensorboard":
-                raise RecipeError("train.trackers: tensorboard is not installed (pip install tensorboard)") from None
+                log_with.append(TensorBoardTracker("tensorboard", str(run_dir)))
+            else:
+                log_with.append(n)
     return Accelerator(
         mixed_precision=cfg.mixed_precision,
         cpu=not torch.cuda.is_available(),
-        log_with=log_with,
+        log_with=log_with or None,
         project_dir=str(run_dir) if run_dir else None,
     )
+
+
+def run_label(run_dir: Path | None) -> str:
+    """What progress calls a run: its folder's name; ``teacher <name>`` for a recipe trained into the
+    teacher cache (``<out>/_teachers/<name>-<fingerprint>``, ``core/refs.py``; init recipes too)."""
+    if run_dir is None:
+        return "train"
+    name = run_dir.name.removesuffix(PARTIAL)
+    if run_dir.parent.name == "_teachers":
+        return "teacher " + re.sub(r"-[0-9a-f]{12}$", "", name)
+    return name
 
 
 class Trainer:
@@ -175,7 +200,7 @@ class Trainer:
             if self.sampler is not None:
                 self.sampler.load_state_dict(self.state.get("sampler", {}))
         if self.acc.log_with:
-            self.acc.init_trackers("tensorboard")
+            self.acc.init_trackers("distill", init_kwargs=self._tracker_kwargs())
         prev = self._install_sigint()
         try:
             with self._progress() as bar:
@@ -215,6 +240,8 @@ class Trainer:
                     lr = self.schedulers[0].get_last_lr()[0]
                     self._log({"epoch": epoch, **{f"train/{n}": v for n, v in metrics.items()}, "train/lr": lr})
                     bar.update(st["step"], metrics["loss"], rate)
+                else:
+                    bar.tick(st["step"])
                 end_of_epoch = st["step"] % self.steps_per_epoch == 0 or st["step"] >= self.total_steps
                 if end_of_epoch if cfg.eval_every == "epoch" else st["step"] % cfg.eval_every == 0:
                     self._evaluate(epoch)
@@ -349,35 +376,95 @@ class Trainer:
         except ValueError:  # not the main thread
             return None
 
+    def _tracker_kwargs(self) -> dict[str, dict[str, Any]]:
+        """Per-tracker ``init`` arguments: the run's name where a tracker takes one, local files in the run."""
+        if self.run_dir is None:
+            return {}
+        name = self.run_dir.name.removesuffix(PARTIAL)
+        return {"wandb": {"name": name}, "mlflow": {"run_name": name}, "dvclive": {"dir": str(self.run_dir / "dvclive")}}
+
     def _progress(self) -> "_Bar":
-        return _Bar(self.total_steps, self.state["step"], enabled=self.cfg.progress and self.acc.is_main_process)
+        every = self.cfg.progress_every if self.cfg.progress_every is not None else PROGRESS_EVERY
+        return _Bar(run_label(self.run_dir), self.total_steps, self.state["step"], self.steps_per_epoch,
+                    enabled=self.cfg.progress and self.acc.is_main_process, every=every)
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds + 0.5)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 class _Bar:
-    """A rich progress bar with loss and throughput; a no-op when disabled."""
+    """Progress of the loop: a rich bar with the run's name, loss and throughput when stdout is a terminal
+    (or Jupyter); otherwise one line on stderr when training starts, every ``every`` seconds (step/total,
+    epoch, loss, steps/s, ETA) and at the end, so logs of nohup and batch jobs show it. A no-op when
+    disabled."""
 
-    def __init__(self, total: int, start: int, enabled: bool) -> None:
-        self.enabled, self.total, self.start = enabled, total, start
+    def __init__(self, label: str, total: int, start: int, steps_per_epoch: int, enabled: bool,
+                 every: float = PROGRESS_EVERY) -> None:
+        self.label, self.total, self.start, self.spe = label, total, start, steps_per_epoch
+        self.enabled, self.every = enabled, every
         self.progress = None
+        self.lines = False
+        self.step, self.loss = start, float("nan")
 
     def __enter__(self) -> "_Bar":
-        if self.enabled:
+        if not self.enabled:
+            return self
+        from rich.console import Console
+
+        console = Console()
+        if console.is_terminal or console.is_jupyter:
+            from rich.markup import escape
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn(f"[bold]{escape(self.label)}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.1f} steps/s"),
-                TimeRemainingColumn(), transient=True,
+                TimeRemainingColumn(), transient=True, console=console,
             )
             self.progress.start()
             self.task = self.progress.add_task("train", total=self.total, completed=self.start, loss=float("nan"), rate=0.0)
+        else:
+            self.lines = True
+            self.t0 = self.last = time.perf_counter()
+            self.printed = self.start
+            epochs = math.ceil(self.total / self.spe)
+            resumed = f", resuming at step {self.start}" if self.start else ""
+            self._say(f"{self.total} optimizer steps, {epochs} epoch(s) of {self.spe}{resumed}; "
+                      f"a line every {self.every:g} s")
         return self
 
     def update(self, step: int, loss: float, rate: float) -> None:
+        """At a logged step: the step's loss and the throughput since the start."""
+        self.loss = loss
         if self.progress is not None:
             self.progress.update(self.task, completed=step, loss=loss, rate=rate)
+        self.tick(step)
+
+    def tick(self, step: int) -> None:
+        """After every optimizer step (cheap: a clock read when printing lines, else nothing)."""
+        self.step = step
+        if self.lines and time.perf_counter() - self.last >= self.every:
+            self._line()
+
+    def _line(self) -> None:
+        now = time.perf_counter()
+        rate = (self.step - self.start) / max(now - self.t0, 1e-9)
+        eta = (self.total - self.step) / rate if rate > 0 else float("inf")
+        epoch = min(self.step // self.spe + 1, math.ceil(self.total / self.spe))
+        self._say(f"step {self.step}/{self.total} (epoch {epoch}/{math.ceil(self.total / self.spe)}), "
+                  f"loss {self.loss:.4f}, {rate:.1f} steps/s, ETA {_duration(eta)}")
+        self.last, self.printed = now, self.step
+
+    def _say(self, msg: str) -> None:
+        print(f"{self.label}: {msg}", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc: object) -> None:
         if self.progress is not None:
             self.progress.stop()
+        if self.lines and self.step != self.printed:  # where it ended (done, stopped early or interrupted)
+            self._line()
 

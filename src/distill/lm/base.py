@@ -31,6 +31,11 @@ class LMDistiller(Distiller):
         super().__init__(student, teacher, params, info)
         self.vocab = info.num_classes
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+        n = getattr(params, "max_new_tokens", None)
+        if n is not None and hasattr(info.data, "check_generation"):  # the task's own length is checked already
+            for who, model in (("student", student), ("teacher", teacher)):
+                if model is not None:
+                    info.data.check_generation(model, who, n, "method.max_new_tokens")
 
     @property
     def data(self) -> Any:

@@ -21,8 +21,10 @@ Layout of a cache folder::
 
 Storage per supervised token: ``4k + 2k + 4`` bytes (388 at k = 64) plus the shards' offsets and
 headers. Writing resumes: every shard is written to a temporary file and renamed, the manifest is
-rewritten after each shard, and a restarted write keeps the shards whose checksum verifies. Opening
-verifies the fingerprints against the task and every checksum before any data is used.
+rewritten after each shard, and a restarted write keeps the shards that verify (checksum and contents).
+Opening validates the manifest against a schema (every key, the writer's own file names in the writer's
+order), checks the fingerprints against the task, and refuses a file whose checksum, sample ids, shapes,
+dtypes or row offsets differ from what the manifest and index say, before any of its data is used.
 """
 
 from __future__ import annotations
@@ -31,11 +33,14 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
@@ -60,6 +65,87 @@ _HINT = "re-run `distill cache-teacher` with the same arguments to rewrite it"
 
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
+
+
+def _is_temp(name: str) -> bool:
+    """A temporary file of ``_atomic_write``'s for one of the cache's own files (the only files a write deletes)."""
+    return re.fullmatch(r"\.(manifest\.json|index\.safetensors|shard-\d{5,}\.safetensors)\.tmp", name) is not None
+
+
+def _rewrite_hint(folder: Path) -> str:
+    return f"delete {folder} and re-run `distill cache-teacher`"
+
+
+class _Strict(BaseModel):
+    # strict: no "5" -> 5 or true -> 1; a manifest holds exactly what the writer writes
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _FileEntry(_Strict):
+    file: str
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class _ShardEntry(_FileEntry):
+    samples: list[int] = Field(min_length=2, max_length=2)
+    rows: int = Field(ge=0)
+
+
+class _Manifest(_Strict):
+    """The schema of ``manifest.json``. The layout is fixed by ``num_samples`` and ``shard_size``: entry
+    ``i`` must name ``shard_name(i)`` and hold samples ``[i * shard_size, ...)``, so no entry can point
+    outside the folder or at another shard's file (swapped entries are refused here)."""
+
+    format: Literal["distill-teacher-cache"]
+    version: int
+    teacher: str
+    tokenizer: str
+    dataset: str
+    task: str
+    vocab: int = Field(ge=1)
+    k: int = Field(ge=1)
+    dtype: Literal["float16", "bfloat16"]
+    num_samples: int = Field(ge=1)
+    shard_size: int = Field(ge=1)
+    complete: bool
+    rows: int | None = Field(ge=0)
+    shards: list[_ShardEntry | None]
+    index: _FileEntry | None
+
+    @model_validator(mode="after")
+    def _layout(self) -> _Manifest:
+        n, size = self.num_samples, self.shard_size
+        num_shards = -(-n // size)  # ceil in integers: no float overflow on an absurd num_samples
+        if self.k > self.vocab:
+            raise ValueError(f"k {self.k} exceeds the vocabulary ({self.vocab})")
+        if len(self.shards) != num_shards:
+            raise ValueError(f"{len(self.shards)} shard entries, but {n} samples in shards of {size} make {num_shards}")
+        for i, e in enumerate(self.shards):
+            if e is None:
+                continue
+            if e.file != shard_name(i):
+                raise ValueError(f"shards.{i} names file {e.file!r}, expected {shard_name(i)!r}")
+            want = [i * size, min(n, (i + 1) * size)]
+            if e.samples != want:
+                raise ValueError(f"shards.{i} holds samples {e.samples}, expected {want}")
+        if self.index is not None and self.index.file != INDEX:
+            raise ValueError(f"index names file {self.index.file!r}, expected {INDEX!r}")
+        if self.complete and self.rows != sum(e.rows for e in self.shards if e):
+            raise ValueError(f"rows is {self.rows}, the shards hold {sum(e.rows for e in self.shards if e)}")
+        return self
+
+
+def _schema_error(err: ValidationError) -> str:
+    """The first problem pydantic found, as one short clause."""
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "missing":
+        return f"key '{loc}' is missing"
+    if e["type"] == "extra_forbidden":
+        return f"unknown key '{loc}'"
+    msg = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"]
+    return f"{loc}: {msg}" if loc else msg
 
 
 def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -102,34 +188,55 @@ def _check_args(data: LMTaskData, top_k: int, dtype: str, shard_size: int, batch
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
-    """A cache folder's manifest, None where there is none."""
+    """A cache folder's manifest, validated against the schema (``_Manifest``); None where there is none.
+    Anything else is a one-line CorruptCacheError naming the manifest."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
     try:
-        m = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CorruptCacheError(f"{path} is not valid JSON; delete {folder} and re-run `distill cache-teacher`") from None
+        m = json.loads(path.read_bytes())
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CorruptCacheError(f"{path} is not valid JSON; {_rewrite_hint(folder)}") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise CorruptCacheError(f"{path} is not a teacher-cache manifest (format {m.get('format') if isinstance(m, dict) else None!r})")
-    return m
+    if m.get("version") != VERSION:  # before the schema: another version may have other keys
+        raise CorruptCacheError(f"teacher cache {path} has format version {m.get('version')!r}, this distill reads "
+                                f"version {VERSION}; {_rewrite_hint(folder)}")
+    try:
+        _Manifest.model_validate(m)
+    except ValidationError as err:
+        raise CorruptCacheError(f"teacher cache {path} is malformed ({_schema_error(err)}); "
+                                f"{_rewrite_hint(folder)}") from None
+    return m  # the dict as written: a resumed write rewrites it byte for byte
 
 
-def check_existing(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+def _own_file(name: str) -> bool:
+    """A file a cache write creates: the manifest, the index, a shard, or one of their temporary files."""
+    return name in (MANIFEST, INDEX) or re.fullmatch(r"shard-\d{5,}\.safetensors", name) is not None or _is_temp(name)
+
+
+def check_existing(out: Path, identity: dict[str, Any], overwrite: bool = False) -> dict[str, Any] | None:
     """The manifest of a cache already in ``out`` that a write with ``identity`` may resume, None for
-    a new or empty folder; refuses a folder that holds something else (never mixes two caches)."""
+    a new or empty folder; refuses a folder that holds something else (never mixes two caches) or whose
+    manifest is malformed (CorruptCacheError): a refused folder is left as it is. ``overwrite``: a cache
+    written with other settings is replaced (only the files a cache write creates are removed)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RecipeError(f"--out {out} is a file, not a folder")
     m = read_manifest(out) if out.is_dir() else None
     if m is None:
-        if out.is_dir() and any(not p.name.endswith(".tmp") for p in out.iterdir()):
+        if out.is_dir() and not overwrite and any(not _is_temp(p.name) for p in out.iterdir()):
             raise RecipeError(f"--out {out} exists and is not a teacher cache (no {MANIFEST}); choose an empty or new folder")
         return None
     diff = [f"{k}: {m.get(k)!r} there, {identity[k]!r} now" for k in IDENTITY if m.get(k) != identity[k]]
+    if diff and overwrite:
+        for f in out.iterdir():
+            if f.is_file() and _own_file(f.name):
+                f.unlink()
+        return None
     if diff:
         raise MismatchError(f"{out} holds a teacher cache written with other settings ({'; '.join(diff)}); "
-                            "choose another --out, or delete that folder to replace it")
+                            "choose another --out, or pass --overwrite to replace it")
     return m
 
 
@@ -212,6 +319,7 @@ def write_cache(
     teacher_id: str = "",
     progress: bool = True,
     on_shard: Callable[[int], None] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Run ``teacher`` over ``data.train`` and write (or finish) the cache folder ``out``; returns it.
 
@@ -220,25 +328,34 @@ def write_cache(
     shard size is refused (MismatchError), never mixed. Shards already there whose checksum verifies
     are kept; the others are (re)computed. ``on_shard(i)`` is called after shard ``i`` is written
     (tests use it to simulate an interruption). The teacher runs on its own device, in eval mode under
-    inference mode (its train/eval mode is restored afterwards).
+    inference mode (its train/eval mode is restored afterwards). ``overwrite``: a cache written with
+    other settings is replaced (only its own files; other files in the folder are left as they are).
     """
     out = Path(out)
     _check_args(data, top_k, dtype, shard_size, batch_size)
     ident = _identity(data, top_k, dtype, shard_size, teacher_id)
-    old = check_existing(out, ident)
+    old = check_existing(out, ident, overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):  # a write interrupted mid-file
-        stale.unlink()
+    for stale in out.iterdir():  # a write interrupted mid-file (only our own temporary names)
+        if _is_temp(stale.name) and stale.is_file():
+            stale.unlink()
     n = len(data.train)
     num_shards = math.ceil(n / shard_size)
     shards: list[dict[str, Any] | None] = [None] * num_shards
-    if old is not None:
-        for i, entry in enumerate(old.get("shards", [])[:num_shards]):
-            if _verified(out, entry):
+    offsets: list[Tensor | None] = [None] * num_shards  # each shard's row offsets, for the index
+    if old is not None:  # same identity, so the same number of shards (the schema checked the count)
+        for i, entry in enumerate(old["shards"]):
+            if entry is None:
+                continue
+            try:
+                offsets[i] = _load_shard(out, old, i)["offsets"]
                 shards[i] = entry
-    kept_index = old is not None and old.get("complete") and all(shards) and _verified(out, old.get("index"))
-    if kept_index:
-        return out
+            except CorruptCacheError:
+                pass  # missing, corrupt, or not what its entry says: computed again below
+    if old is not None and old["complete"] and all(shards):
+        index = _index_blob(shards, offsets, n)
+        if old["index"] == _entry(INDEX, index) and _verified(out, old["index"]):
+            return out  # complete, and every file is what it should be: nothing to do
     manifest = {**ident, "complete": False, "rows": None, "shards": shards, "index": None}
     _write_manifest(out, manifest)
 
@@ -260,37 +377,105 @@ def write_cache(
                 _atomic_write(out / shard_name(i), blob)
                 shards[i] = {"file": shard_name(i), "samples": [lo, hi], "rows": int(tensors["ids"].shape[0]),
                              "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+                offsets[i] = tensors["offsets"]
                 _write_manifest(out, manifest)
                 if on_shard is not None:
                     on_shard(i)
     finally:
         teacher.train(was_training)
 
-    # the index: per train sample, its shard and rows (read back from the verified shards' offsets)
-    shard_of, offset, length = (torch.empty(n, dtype=t) for t in (torch.int32, torch.int64, torch.int64))
-    for i, e in enumerate(shards):
-        lo, hi = e["samples"]
-        offsets = _load_shard(out, e)["offsets"]
-        shard_of[lo:hi], offset[lo:hi], length[lo:hi] = i, offsets[:-1], offsets[1:] - offsets[:-1]
-    blob = st_save({"shard": shard_of, "offset": offset, "length": length}, metadata={"format": FORMAT})
+    blob = _index_blob(shards, offsets, n)
     _atomic_write(out / INDEX, blob)
-    manifest["index"] = {"file": INDEX, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    manifest["index"] = _entry(INDEX, blob)
     manifest["rows"] = int(sum(e["rows"] for e in shards))
     manifest["complete"] = True
     _write_manifest(out, manifest)
     return out
 
 
-def _load_shard(folder: Path, entry: dict[str, Any]) -> dict[str, Tensor]:
-    """A shard's tensors, checked against its manifest sha256 on the very bytes that are parsed."""
+def _entry(name: str, blob: bytes) -> dict[str, Any]:
+    return {"file": name, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+
+
+def _index_blob(shards: list[dict[str, Any]], offsets: list[Tensor], n: int) -> bytes:
+    """``index.safetensors``: per train sample, its shard and rows (from the shards' row offsets)."""
+    shard_of, offset, length = (torch.empty(n, dtype=t) for t in (torch.int32, torch.int64, torch.int64))
+    for i, (e, off) in enumerate(zip(shards, offsets)):
+        lo, hi = e["samples"]
+        shard_of[lo:hi], offset[lo:hi], length[lo:hi] = i, off[:-1], off[1:] - off[:-1]
+    return st_save({"shard": shard_of, "offset": offset, "length": length}, metadata={"format": FORMAT})
+
+
+def _read_checked(folder: Path, entry: dict[str, Any]) -> dict[str, Tensor]:
+    """A cache file's tensors, checked against its manifest size and sha256 on the very bytes that are parsed."""
     path = folder / entry["file"]
     if not path.is_file():
-        raise CorruptCacheError(f"teacher cache {folder}: {entry['file']} is missing; {_HINT}")
+        raise CorruptCacheError(f"teacher cache {path} is missing; {_HINT}")
+    if path.stat().st_size != entry["bytes"]:  # before reading: a wrong size needs no hashing
+        raise CorruptCacheError(f"teacher cache {path} is corrupt ({path.stat().st_size} bytes, the manifest says "
+                                f"{entry['bytes']}); {_HINT}")
     blob = path.read_bytes()
     if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
-        raise CorruptCacheError(f"teacher cache {folder}: {entry['file']} is corrupt (sha256 differs from the "
-                                f"manifest); {_HINT}")
-    return st_load(blob)
+        raise CorruptCacheError(f"teacher cache {path} is corrupt (sha256 differs from the manifest); {_HINT}")
+    try:
+        return st_load(blob)
+    except (SafetensorError, ValueError, KeyError):
+        raise CorruptCacheError(f"teacher cache {path} is not a safetensors file; {_HINT}") from None
+
+
+def _check_tensors(path: Path, tensors: dict[str, Tensor], spec: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                   source: str) -> None:
+    """Refuse ``tensors`` unless they are exactly ``spec``'s names, dtypes and shapes (``source`` says where
+    the expectation comes from)."""
+    if sorted(tensors) != sorted(spec):
+        raise CorruptCacheError(f"teacher cache {path} holds tensors {sorted(tensors)}, expected {sorted(spec)}; "
+                                f"{_HINT}")
+    for name, (dtype, shape) in spec.items():
+        t = tensors[name]
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            got, want = (f"{str(d).removeprefix('torch.')} {list(sh)}"
+                         for d, sh in ((t.dtype, t.shape), (dtype, shape)))
+            raise CorruptCacheError(f"teacher cache {path}: '{name}' is {got}, {source} says {want}; {_HINT}")
+
+
+def _load_shard(folder: Path, manifest: dict[str, Any], i: int) -> dict[str, Tensor]:
+    """Shard ``i``'s tensors, refused unless they are what the manifest says: its checksum, the sample ids
+    of its entry, ``rows`` rows of top-``k`` in ``dtype``, row offsets from 0 to ``rows`` in order."""
+    e = manifest["shards"][i]
+    path = folder / e["file"]
+    t = _read_checked(folder, e)
+    (lo, hi), rows, k = e["samples"], e["rows"], manifest["k"]
+    sample = t.get("sample")
+    if sample is None or sample.dtype != torch.int64 or not torch.equal(sample, torch.arange(lo, hi)):
+        ids = [] if sample is None else sample.flatten().tolist()
+        held = f"{len(ids)} sample ids ({ids[0]}..{ids[-1]})" if ids else "no sample ids"
+        raise CorruptCacheError(f"teacher cache {path} holds {held}, its manifest entry says samples {lo}..{hi - 1}; "
+                                f"{_HINT}")
+    _check_tensors(path, t, {"ids": (torch.int32, (rows, k)), "logprobs": (DTYPES[manifest["dtype"]], (rows, k)),
+                             "tail": (torch.float32, (rows,)), "offsets": (torch.int64, (hi - lo + 1,)),
+                             "sample": (torch.int64, (hi - lo,))},
+                   f"the manifest (k {k}, {manifest['dtype']}, {rows} rows)")
+    off = t["offsets"]
+    if int(off[0]) != 0 or int(off[-1]) != rows or bool((off.diff() < 0).any()):
+        raise CorruptCacheError(f"teacher cache {path}: its row offsets do not run from 0 to {rows} in order; {_HINT}")
+    return t
+
+
+def _load_index(folder: Path, manifest: dict[str, Any]) -> dict[str, Tensor]:
+    """The index, refused unless it puts every sample in the shard the manifest's layout gives it (its
+    offsets and lengths are checked against each shard's when the shard is loaded)."""
+    path = folder / INDEX
+    t = _read_checked(folder, manifest["index"])
+    n = manifest["num_samples"]
+    _check_tensors(path, t, {"shard": (torch.int32, (n,)), "offset": (torch.int64, (n,)),
+                             "length": (torch.int64, (n,))}, f"the manifest ({n} samples)")
+    expected = (torch.arange(n) // manifest["shard_size"]).to(torch.int32)
+    bad = (t["shard"] != expected).nonzero().flatten()
+    if len(bad):
+        j = int(bad[0])
+        raise CorruptCacheError(f"teacher cache {path} puts sample {j} in shard {int(t['shard'][j])}, the manifest's "
+                                f"layout in shard {int(expected[j])} (of {len(manifest['shards'])}); {_HINT}")
+    return t
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -310,18 +495,16 @@ class TeacherCache:
     @classmethod
     def open(cls, folder: Path, data: LMTaskData, verify: bool = True) -> "TeacherCache":
         """Read ``folder``'s manifest and refuse a cache that was written for another tokenizer or
-        dataset (MismatchError), or that is incomplete or has a shard whose sha256 differs from the
-        manifest (CorruptCacheError, naming the shard). ``verify`` hashes every shard now (so a corrupt
-        cache fails before training starts); each shard is hashed again when it is loaded."""
+        dataset (MismatchError), or that is incomplete, malformed, or has a file whose checksum or contents
+        differ from what the manifest and index say (CorruptCacheError, one line naming the file).
+        ``verify`` loads and checks every shard now (so a broken cache fails before training starts);
+        each shard is checked again when it is loaded for use."""
         folder = Path(folder)
         if not folder.is_dir():
             raise MissingFileError(f"teacher cache {folder} does not exist; write it with `distill cache-teacher`")
-        m = read_manifest(folder)
+        m = read_manifest(folder)  # schema-checked: every key there, shard entries named as the writer names them
         if m is None:
             raise CorruptCacheError(f"{folder} is not a teacher cache (no {MANIFEST}); write it with `distill cache-teacher`")
-        if m.get("version") != VERSION:
-            raise CorruptCacheError(f"teacher cache {folder} has format version {m.get('version')}, this distill "
-                                    f"reads version {VERSION}; re-run `distill cache-teacher`")
         tok = tokenizer_fingerprint(data.tokenizer)
         if m["tokenizer"] != tok:
             raise MismatchError(f"teacher cache {folder} was written with another tokenizer (fingerprint "
@@ -332,21 +515,16 @@ class TeacherCache:
                                 f"{len(data.train)} samples); re-run `distill cache-teacher` for this task")
         if m["k"] > data.vocab:
             raise MismatchError(f"teacher cache {folder} keeps top-{m['k']} but the vocabulary has {data.vocab} tokens")
-        shards = m.get("shards") or []
-        if not m.get("complete") or m.get("index") is None or not all(shards):
+        shards = m["shards"]
+        if not m["complete"] or m["index"] is None or not all(shards):
             have = sum(1 for e in shards if e)
             raise CorruptCacheError(f"teacher cache {folder} is incomplete ({have} of {len(shards)} shards); "
                                     "re-run `distill cache-teacher` with the same arguments to finish it")
-        if verify:
-            for e in shards:
-                path = folder / e["file"]
-                if not path.is_file():
-                    raise CorruptCacheError(f"teacher cache {folder}: {e['file']} is missing; {_HINT}")
-                if path.stat().st_size != e["bytes"] or _sha256_file(path) != e["sha256"]:
-                    raise CorruptCacheError(f"teacher cache {folder}: {e['file']} is corrupt (sha256 differs from "
-                                            f"the manifest); {_HINT}")
-        index = _load_shard(folder, m["index"])
-        return cls(folder, m, index)
+        cache = cls(folder, m, _load_index(folder, m))
+        if verify:  # every check a load makes, now, without keeping the shards
+            for i in range(len(shards)):
+                cache._checked_shard(i)
+        return cache
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -359,9 +537,19 @@ class TeacherCache:
     def bytes_per_token(self) -> float:
         return bytes_per_token(self._manifest)
 
+    def _checked_shard(self, i: int) -> dict[str, Tensor]:
+        """Shard ``i``, refused unless its rows are where the index says (:meth:`rows` slices by the index)."""
+        s = _load_shard(self.folder, self._manifest, i)
+        lo, hi = self._manifest["shards"][i]["samples"]
+        off = s["offsets"]
+        if not (torch.equal(self._offset[lo:hi], off[:-1]) and torch.equal(self._length[lo:hi], off.diff())):
+            raise CorruptCacheError(f"teacher cache {self.folder / INDEX} gives samples {lo}..{hi - 1} other rows than "
+                                    f"{shard_name(i)} holds; {_HINT}")
+        return s
+
     def _get_shard(self, i: int) -> dict[str, Tensor]:
         if i not in self._shards:
-            self._shards[i] = _load_shard(self.folder, self._manifest["shards"][i])
+            self._shards[i] = self._checked_shard(i)
         return self._shards[i]
 
     def rows(self, sample: int) -> dict[str, Tensor]:
@@ -385,6 +573,8 @@ class TeacherCache:
         if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(self._shard)):
             raise MismatchError(f"teacher cache {self.folder} holds samples 0..{len(self._shard) - 1}, the batch "
                                 f"asks for {idx.tolist()}")
+        for s in self._shard[idx].unique().tolist():  # checked against the index first: a count that
+            self._get_shard(s)                         # differs below is then the labels', not a damaged cache
         valid = (labels[:, 1:] != IGNORE_INDEX).cpu()
         counts, stored = valid.sum(1), self._length[idx]
         bad = (counts != stored).nonzero().flatten()
@@ -399,8 +589,9 @@ class TeacherCache:
         if int(counts.sum()):
             parts = [self.rows(int(i)) for i in idx]
             pos = _valid_rows(labels.cpu(), seq)  # sample-major, as the rows were written
-            ids[pos] = torch.cat([p["ids"] for p in parts]).long()
-            lps[pos] = torch.cat([p["logprobs"] for p in parts]).float()
+            # widen before cat: under CPU bf16 autocast, cat of float16 tensors raises
+            ids[pos] = torch.cat([p["ids"].long() for p in parts])
+            lps[pos] = torch.cat([p["logprobs"].float() for p in parts])
         dev = labels.device
         return ids.view(batch, seq, k).to(dev, non_blocking=True), lps.view(batch, seq, k).to(dev, non_blocking=True)
 
@@ -411,7 +602,7 @@ class TeacherCache:
 
 def cache_from_recipe(recipe: Any, out: Path, top_k: int, dtype: str = "float16", shard_size: int = 1024,
                       batch_size: int = 32, runs: Path = Path("runs"), progress: bool = True,
-                      device: str | None = None) -> Path:
+                      device: str | None = None, overwrite: bool = False) -> Path:
     """``distill cache-teacher``: the recipe's task and teacher, resolved exactly as a run resolves them
     (a teacher recipe is trained once and kept under ``<runs>/_teachers``), cached into ``out``.
 
@@ -439,12 +630,13 @@ def cache_from_recipe(recipe: Any, out: Path, top_k: int, dtype: str = "float16"
         teacher_id = f"{ref.kind}:{recipe.path(ref.value).resolve()}"
     else:
         raise RecipeError(f"cache-teacher caches a teacher given as recipe, run or model, not '{ref.kind}'")
-    check_existing(Path(out), _identity(data, top_k, dtype, shard_size, teacher_id))  # before training a teacher
+    check_existing(Path(out), _identity(data, top_k, dtype, shard_size, teacher_id), overwrite)  # before training
     ops = task_ops(data)
     teacher = ops.load_model(resolve_teacher(recipe, Path(runs), progress))
     check_vocab(teacher, data.tokenizer, "teacher")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return write_cache(teacher.to(dev), data, Path(out), top_k, dtype, shard_size, batch_size, teacher_id, progress)
+    return write_cache(teacher.to(dev), data, Path(out), top_k, dtype, shard_size, batch_size, teacher_id, progress,
+                       overwrite=overwrite)
 
 
 def _cache_folder(ctx: RefContext, value: str) -> Path:

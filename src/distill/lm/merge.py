@@ -54,6 +54,7 @@ from torch import Tensor
 from distill.core.recipe import ModelRef, Strict
 from distill.core.refs import RefContext, RefKind, record_ref
 from distill.core.registry import REFS
+from distill.core.rundir import run_lock
 from distill.errors import MismatchError, RecipeError, RunExistsError
 from distill.lm import models
 
@@ -188,6 +189,9 @@ def merge_models(folders: Sequence[str | Path], weights: Sequence[float], out: s
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise RunExistsError(f"{out} exists; choose another --out or pass --overwrite")
+    if out.exists() and not (out / MERGE_FILE).is_file():  # --overwrite replaces a merge, nothing else
+        raise RunExistsError(f"{out} exists and is not a merged model folder (no {MERGE_FILE}); it is not touched: "
+                             "choose another --out")
 
     tok = models.model_tokenizer(folders[0])
     inputs = folders + ([Path(base).expanduser()] if base is not None else [])
@@ -282,7 +286,9 @@ def resolve_merge(ctx: RefContext, spec: MergeRef) -> Path:
     base = ctx.folder(spec.base) if spec.base is not None else None
     cached = Path(ctx.out) / "_teachers" / f"merge-{merge_fingerprint(inputs, spec.weights, base, spec.base_weight)}"
     if not (cached / MERGE_FILE).is_file():
-        merge_models(inputs, spec.weights, cached, base, spec.base_weight, overwrite=True)
+        with run_lock(cached.parent, cached.name, wait=True):  # another process may be merging the same
+            if not (cached / MERGE_FILE).is_file():
+                merge_models(inputs, spec.weights, cached, base, spec.base_weight, overwrite=True)
     return cached
 
 

@@ -14,6 +14,8 @@ to a multiple of 64 or 128, as many hub models do) are cut by :func:`token_logit
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,11 +23,13 @@ from typing import Any
 
 import torch
 from pydantic import Field, model_validator
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
+from distill.core import weights as weights_check
 from distill.core.refs import ModelFormat
 from distill.core.registry import ARCHS, FORMATS, Params
-from distill.errors import MismatchError, MissingFileError, RecipeError
+from distill.errors import MismatchError, MissingFileError, RecipeError, WeightsError
 from distill.lm.data.text import tiny_causal_lm
 
 
@@ -69,6 +73,9 @@ def hf(p: HFParams, tokenizer: Any) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if p.path is not None:
+        own = model_tokenizer(p.path)
+        if own is not None:  # a student saved with another tokenizer must not be trained (and saved) with ours
+            check_same_tokenizer(own, tokenizer, f"student in {p.path}")
         return load_causal_lm(p.path, p.trust_remote_code)
     cfg = dict(p.config or {})
     cfg.setdefault("vocab_size", len(tokenizer))
@@ -115,20 +122,84 @@ def quiet_hf() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files of an HF model folder (one file, or the shards its index names)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise WeightsError(f"{index}: not a valid safetensors index (no weight_map)") from None
+        files = [path / s for s in shards]
+        if any(Path(s).name != s for s in shards):
+            raise WeightsError(f"{index}: shard names must be files of {path}")
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise WeightsError(f"{index}: shard {missing[0]} does not exist")
+        return files
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise WeightsError(f"{path} has only pickled weights (.bin/.pt): convert them to model.safetensors "
+                           "(model.save_pretrained(folder, safe_serialization=True)); pickles are not loaded")
+    raise MissingFileError(f"{path} has no model.safetensors")
+
+
+def _expected_keys(meta: nn.Module, files: list[Path]) -> tuple[dict[str, tuple[int, ...]], list[str], list[str]]:
+    """What the files must hold for ``meta`` (an HF model on the meta device): key -> shape, the keys that
+    may be missing (tied output embedding, the class's own ignore lists) and that may be extra."""
+    expected = weights_check.shapes(meta)
+    ignore_missing = list(getattr(meta, "_keys_to_ignore_on_load_missing", None) or [])
+    ignore_unexpected = list(getattr(meta, "_keys_to_ignore_on_load_unexpected", None) or [])
+    out, inp = meta.get_output_embeddings(), meta.get_input_embeddings()
+    tied = getattr(getattr(meta, "config", None), "tie_word_embeddings", False)
+    if out is not None and inp is not None and (out.weight is inp.weight or tied):  # tied: saved once
+        head = next(n for n, m in meta.named_modules() if m is out)
+        ignore_missing.append(f"^{re.escape(head)}\\.weight$")
+    prefix = f"{getattr(meta, 'base_model_prefix', '')}."
+    names = set().union(*(weights_check.header(f) for f in files))
+    if prefix != "." and not any(k.startswith(prefix) for k in names):  # a base model's file (no head prefix)
+        expected = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in expected.items()}
+    return expected, ignore_missing, ignore_unexpected
+
+
 def load_causal_lm(folder: str | Path, trust_remote_code: bool = False) -> nn.Module:
-    """An HF causal LM from a model folder, or from a run folder (its ``student/``)."""
-    from transformers import AutoModelForCausalLM
+    """An HF causal LM from a model folder, or from a run folder (its ``student/``).
+
+    Strict: the model is built on the meta device from ``config.json`` and compared with the
+    safetensors headers (keys and shapes, ``core/weights.py``) before anything is materialised; a
+    config of another kind, a partial or empty file, or pickled weights are one-line errors."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(folder).expanduser()
     if (path / "student" / "config.json").is_file():
         path = path / "student"
-    if not (path / "config.json").is_file():
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
         raise MissingFileError(f"{path} is not a model folder (no config.json)")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except ValueError:
+        raise WeightsError(f"{cfg_file}: not valid JSON") from None
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise WeightsError(f"{cfg_file} has no model_type: not an HF model folder (a classifier run's student?)")
+    try:
+        with quiet_hf():
+            config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+            with init_empty_weights():
+                meta = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise WeightsError(f"{cfg_file}: not a causal-LM config ({str(err).splitlines()[0]})") from None
+    files = _weight_files(path)
+    expected, ignore_missing, ignore_unexpected = _expected_keys(meta, files)
+    weights_check.check(expected, files, ignore_missing, ignore_unexpected)
+    del meta
     try:
         with quiet_hf():
             return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise MissingFileError(f"cannot load a causal LM from {path}: {str(err).splitlines()[0]}") from None
+    except (OSError, ValueError, SafetensorError) as err:
+        raise WeightsError(f"cannot load a causal LM from {path}: {str(err).splitlines()[0]}") from None
 
 
 FORMATS.register("hf", "an HF causal-LM folder (config.json with model_type + model.safetensors)")(
@@ -149,8 +220,21 @@ def check_vocab(model: nn.Module, tokenizer: Any, who: str) -> None:
         )
 
 
+def tokenization(tok: Any) -> dict[str, Any]:
+    """What decides how text becomes ids: the vocabulary and special ids and, for fast tokenizers, the
+    model (merges), normalizer and pre-tokenizer (two BPEs with one vocabulary but other merges differ)."""
+    out: dict[str, Any] = {"vocab": sorted(tok.get_vocab().items()),
+                           "specials": [getattr(tok, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")]}
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        out.update({k: spec.get(k) for k in ("model", "normalizer", "pre_tokenizer")})
+    return out
+
+
 def check_same_tokenizer(a: Any, b: Any, who: str = "teacher") -> None:
-    """Teacher and student must tokenize identically: equal vocabularies (token -> id)."""
+    """Teacher, student and task must tokenize identically: equal vocabularies (token -> id), merges,
+    normalizer and pre-tokenizer."""
     va, vb = a.get_vocab(), b.get_vocab()
     if va != vb:
         only_a, only_b = len(set(va) - set(vb)), len(set(vb) - set(va))
@@ -158,6 +242,11 @@ def check_same_tokenizer(a: Any, b: Any, who: str = "teacher") -> None:
             f"the {who}'s tokenizer differs from the task's ({len(va)} vs {len(vb)} tokens; {only_a} and {only_b} "
             "tokens not shared, or ids differ): distillation here needs one shared tokenizer"
         )
+    ta, tb = tokenization(a), tokenization(b)
+    if ta != tb:
+        parts = [k for k in ta if ta[k] != tb.get(k)]
+        raise MismatchError(f"the {who}'s tokenizer has the task's vocabulary but another {', '.join(parts)}: it splits "
+                            "text differently; distillation here needs one shared tokenizer")
 
 
 def model_tokenizer(folder: str | Path) -> Any | None:
@@ -188,6 +277,23 @@ def hidden_and_head(model: nn.Module, batch: dict[str, Tensor], vocab: int) -> t
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
     out = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return out.last_hidden_state, head.weight[:vocab]
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The positions a causal LM can attend over (``max_position_embeddings``, GPT-2's ``n_positions``)."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        n = getattr(cfg, key, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def check_context(model: nn.Module, who: str, need: int, what: str, fix: str) -> None:
+    """A ``MismatchError`` naming the setting to change when ``need`` tokens exceed the model's context."""
+    ctx = context_length(model)
+    if ctx is not None and need > ctx:
+        raise MismatchError(f"the {who} has {ctx} positions but {what} needs {need}: {fix}")
 
 
 @torch.no_grad()

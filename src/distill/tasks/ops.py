@@ -8,9 +8,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from distill.core import weights as weights_check
 from distill.core.checkpoint import cpu_tensors
 from distill.core.distiller import TaskInfo
 from distill.core.metrics import classifier_metrics, predict
@@ -48,11 +50,11 @@ def load_classifier(folder: Path) -> nn.Module:
         raise MissingFileError(
             f"{folder} holds a custom model ({cfg.get('class')}); build it yourself and load {weights} with safetensors"
         )
-    model = build_model(cfg["arch"], cfg["params"], tuple(cfg["input_shape"]), cfg["num_classes"])
-    try:
-        model.load_state_dict(load_file(str(weights)))
-    except RuntimeError as err:
-        raise MissingFileError(f"{weights} does not match its config.json: {str(err).splitlines()[0]}") from None
+    args = (cfg["arch"], cfg["params"], tuple(cfg["input_shape"]), cfg["num_classes"])
+    with torch.device("meta"):  # keys and shapes first, from the header: nothing materialised yet
+        weights_check.check(weights_check.shapes(build_model(*args)), [weights])
+    model = build_model(*args)
+    model.load_state_dict(weights_check.read(weights))
     return model
 
 

@@ -76,10 +76,9 @@ class TokenDataset(Dataset):
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 (16 hex digits) of the vocabulary and special ids: equal iff tokenization is interchangeable."""
-    vocab = sorted(tokenizer.get_vocab().items())
-    specials = [getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")]
-    return hashlib.sha256(json.dumps([vocab, specials]).encode()).hexdigest()[:16]
+    """sha256 (16 hex digits) of how the tokenizer turns text into ids (``models.tokenization``): equal iff
+    tokenization is interchangeable."""
+    return hashlib.sha256(json.dumps(models.tokenization(tokenizer), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -138,9 +137,28 @@ class LMTaskData:
         self.tokenizer.save_pretrained(str(folder))
 
     def check_models(self, student: nn.Module, teacher: nn.Module | None) -> None:
-        models.check_vocab(student, self.tokenizer, "student")
-        if teacher is not None:
-            models.check_vocab(teacher, self.tokenizer, "teacher")
+        """Vocabulary rows, and every length against every model's context, before any work."""
+        splits = (self.train, self.val, self.test)
+        longest = max((len(e.input_ids) for d in splits for e in d.examples), default=0)
+        prompt = max((len(p) for d in splits if d.prompts is not None for p in d.prompts), default=0)
+        for who, model in (("student", student), ("teacher", teacher)):
+            if model is None:
+                continue
+            models.check_vocab(model, self.tokenizer, who)
+            ctx = models.context_length(model) or longest
+            models.check_context(model, who, longest, f"the task's longest sequence ({longest} tokens)",
+                                 f"set task.max_length <= {ctx} (longer sequences are cut)")
+            if self.verify is not None and prompt:  # greedy completions are generated at evaluation
+                models.check_context(model, who, prompt + self.max_new_tokens,
+                                     f"a prompt of {prompt} tokens + task.max_new_tokens={self.max_new_tokens}",
+                                     f"set task.max_new_tokens <= {ctx - prompt}")
+
+    def check_generation(self, model: nn.Module, who: str, max_new_tokens: int, key: str) -> None:
+        """A method that generates ``max_new_tokens`` after the training prompts fits the model's context."""
+        prompt = max((len(p) for p in self.train.prompts or []), default=0)
+        ctx = models.context_length(model) or 0
+        models.check_context(model, who, prompt + max_new_tokens,
+                             f"a prompt of {prompt} tokens + {key}={max_new_tokens}", f"set {key} <= {ctx - prompt}")
 
     def task_info(self, uses_unlabeled: bool) -> TaskInfo:
         return TaskInfo(self.vocab, len(self.train), (), len(self.train), self.train, self.val, self)

@@ -10,7 +10,7 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_serializer, model_validator
 
@@ -19,7 +19,7 @@ from distill.errors import MissingFileError, RecipeError
 from distill.lm.data import arithmetic as ar
 from distill.lm.data import canary
 from distill.lm.data.task import LMTaskData, TokenDataset, tokenizer_fingerprint
-from distill.lm.data.text import Example, encode_records, load_records
+from distill.lm.data.text import Example, TextRecord, encode_records, load_records
 
 DEFAULT_STUDENT = {"arch": "llama", "hidden": 64, "layers": 2, "heads": 4}
 
@@ -150,7 +150,8 @@ class JsonlParams(Params):
     test_fraction: float = Field(0.05, gt=0, lt=0.5)
     split_seed: int = 0
     eval_size: int = Field(100, ge=1)
-    max_new_tokens: int = Field(128, ge=1)
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="greedy completion length at evaluation; default the longest reference completion + 8")
 
 
 def _file_digest(path: Path) -> str:
@@ -179,6 +180,15 @@ def build_jsonl(p: JsonlParams) -> LMTaskData:
         raise RecipeError(f"the tokenizer in {tok_dir} has no eos token")
     paths = {k: getattr(p, k) for k in ("train", "val", "test")}
     records = {k: load_records(Path(v).expanduser()) for k, v in paths.items() if v is not None}
+    digests = {k: _file_digest(Path(v).expanduser()) for k, v in paths.items() if v is not None}
+    return task_from_records(records, tok, p, json.dumps(digests, sort_keys=True), str(paths["train"]))
+
+
+def task_from_records(records: dict[str, list[TextRecord]], tok: Any, p: JsonlParams, digest: str,
+                      where: str = "train") -> LMTaskData:
+    """An LM task from prompt/completion or text records (``train``, optional ``val``/``test``: split off
+    ``train`` when absent), encoded with ``tok``; ``digest`` identifies the records' source."""
+    records = dict(records)
     rng = random.Random(p.split_seed)
     train = records["train"]
     order = list(range(len(train)))
@@ -186,7 +196,7 @@ def build_jsonl(p: JsonlParams) -> LMTaskData:
     n_test = 0 if "test" in records else max(1, round(p.test_fraction * len(train)))
     n_val = 0 if "val" in records else max(1, round(p.val_fraction * len(train)))
     if n_test + n_val >= len(train):
-        raise RecipeError(f"{paths['train']} has {len(train)} records: too few to split off val and test")
+        raise RecipeError(f"{where} has {len(train)} records: too few to split off val and test")
     if "test" not in records:
         records["test"] = [train[i] for i in order[:n_test]]
     if "val" not in records:
@@ -200,12 +210,17 @@ def build_jsonl(p: JsonlParams) -> LMTaskData:
         prompts = [[i for i, l in zip(e.input_ids, e.labels) if l == -100] for e in examples]
         return TokenDataset(examples, tok.pad_token_id, prompts, [r.completion for r in recs])
 
-    digests = {k: _file_digest(Path(v).expanduser()) for k, v in paths.items() if v is not None}
+    sets = [split(records[k]) for k in ("train", "val", "test")]
+    max_new = p.max_new_tokens
+    if max_new is None:  # evaluation generates no longer than any reference needs (+ room to overrun it)
+        max_new = 8 + max((len(e.input_ids) - len(q) for d in sets if d.prompts for e, q in zip(d.examples, d.prompts)),
+                          default=120)
+    # evaluation-only settings stay out of the data's identity (a teacher cache stays valid across them)
+    evaluation = {"train", "val", "test", "tokenizer", "eval_size", "max_new_tokens"}
     return LMTaskData(
-        "jsonl", split(records["train"]), split(records["val"]), split(records["test"]), tok,
-        _fingerprint("jsonl", digests, p.model_dump(exclude={"train", "val", "test", "tokenizer", "eval_size"}),
-                     tokenizer_fingerprint(tok)),
-        DEFAULT_STUDENT, verify=lambda text, ref: text.strip() == ref.strip(), max_new_tokens=p.max_new_tokens,
+        "jsonl", *sets, tok,
+        _fingerprint("jsonl", digest, p.model_dump(exclude=evaluation), tokenizer_fingerprint(tok)),
+        DEFAULT_STUDENT, verify=lambda text, ref: text.strip() == ref.strip(), max_new_tokens=max_new,
         eval_size=p.eval_size,
     )
 
