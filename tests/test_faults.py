@@ -321,6 +321,7 @@ def test_kill_9_at_random_points_of_a_classifier_run(tmp_path):
     assert cli("run", "kd.yaml", "--out", "a", cwd=tmp_path).returncode == 0
     shutil.copytree(tmp_path / "a" / "_teachers", tmp_path / "b" / "_teachers")  # the student's run is killed
     n = kill_and_resume(tmp_path, ["kd.yaml", "--out", "b"], tmp_path / "b" / "kd.partial", 6 * 4, 5, seed=0)
+    print(f"classifier run: {n} kill -9 points survived, bitwise equal")
     assert n >= 3
     same_weights(tmp_path / "a" / "kd" / "student" / "model.safetensors",
                  tmp_path / "b" / "kd" / "student" / "model.safetensors")
@@ -341,6 +342,7 @@ def test_kill_9_at_random_points_of_a_language_model_run(tmp_path):
     write(tmp_path / "lm.yaml", LM_RECIPE)
     assert cli("run", "lm.yaml", "--out", "a", cwd=tmp_path).returncode == 0
     n = kill_and_resume(tmp_path, ["lm.yaml", "--out", "b"], tmp_path / "b" / "lm.partial", 4 * 6, 4, seed=1)
+    print(f"language-model run: {n} kill -9 points survived, bitwise equal")
     assert n >= 2
     same_weights(tmp_path / "a" / "lm" / "student" / "model.safetensors",
                  tmp_path / "b" / "lm" / "student" / "model.safetensors")

@@ -131,3 +131,76 @@ def test_distill_accepts_hf_language_models_and_records(tmp_path):
         distill.distill(teacher, student, train=["a", 3], tokenizer=tok, method="sft", out=tmp_path / "runs",
                         name="y")
     assert not (tmp_path / "runs" / "x").exists() and not (tmp_path / "runs" / "y").exists()
+
+
+# --- one rule for paths; stale inputs -------------------------------------------------------------
+
+@pytest.mark.slow
+def test_paths_follow_one_rule_and_a_grown_dataset_is_not_reused(tmp_path):
+    from test_readme_lm import make_models_and_data
+
+    make_models_and_data(tmp_path / "project")
+    project = tmp_path / "project"
+    (project / "recipes").mkdir()
+    recipe = {"name": "sft", "task": {"name": "jsonl", "train": "../data/train.jsonl",
+                                      "tokenizer": "../models/teacher", "eval_size": 4},
+              "student": {"arch": "hf", "path": "../models/student"}, "method": "sft",
+              "train": {"epochs": 1, "batch_size": 16, "progress": False, "trackers": "none"}}
+    write(project / "recipes" / "sft.yaml", recipe)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # in a recipe file: relative to the recipe's folder, wherever the command runs
+    p = cli("run", str(project / "recipes" / "sft.yaml"), "--out", "runs", cwd=elsewhere)
+    assert p.returncode == 0, p.stderr
+    saved = yaml.safe_load((elsewhere / "runs" / "sft" / "recipe.yaml").read_text())
+    assert saved["task"]["params"]["train"] == str(project / "data" / "train.jsonl")  # absolute in the run folder
+    assert saved["student"]["params"]["path"] == str(project / "models" / "student")
+    p = cli("eval", str(elsewhere / "runs" / "sft"), cwd=tmp_path)  # from any directory
+    assert p.returncode == 0, p.stderr
+
+    # on the command line: relative to the working directory
+    p = cli("run", "recipes/sft.yaml", "--out", "runs", "--set", "task.train=data/train.jsonl", cwd=project)
+    assert p.returncode == 0, p.stderr
+
+    # the data grow: the finished run is not returned as if new
+    with open(project / "data" / "train.jsonl", "a") as f:
+        f.write(json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n")
+    p = cli("run", str(project / "recipes" / "sft.yaml"), "--out", "runs", cwd=elsewhere)
+    assert p.returncode == 2 and "changed since" in p.stderr and "train.jsonl" in p.stderr, p.stderr
+
+
+def test_set_reaches_into_a_teacher_recipe_file(tmp_path):
+    from distill.core.recipe import load_recipe
+    from distill.errors import RecipeError
+
+    r = load_recipe("mnist1d-kd", ["teacher.recipe.train.epochs=5"])
+    assert r.teacher.recipe["train"]["epochs"] == 5 and r.teacher.recipe["name"] == "mnist1d-teacher"
+    with pytest.raises(RecipeError, match="teacher.recipe: recipe key 'method.temperature': unknown key"):
+        load_recipe("mnist1d-kd", ["teacher.recipe.method.temperature=3"])
+    assert load_recipe("mnist1d-kd", ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+# --- generation ignores sampling fields stored in the model (issue 12, item 1) --------------------
+
+def test_rollouts_ignore_sampling_settings_stored_in_the_model():
+    import torch
+
+    from distill.lm.data.arithmetic import CharTokenizer
+    from distill.lm.data.text import tiny_causal_lm
+    from distill.lm.rollout import rollout
+
+    tok = CharTokenizer().to_hf()
+    clean = tiny_causal_lm(None, 16, 1, 2, tok, seed=0)
+    dirty = tiny_causal_lm(None, 16, 1, 2, tok, seed=0)
+    for k, v in {"repetition_penalty": 5.0, "min_p": 0.2, "top_k": 20, "temperature": 0.6, "do_sample": True,
+                 "no_repeat_ngram_size": 1}.items():
+        setattr(dirty.generation_config, k, v)
+    prompts = [tok("12+3=")["input_ids"], tok("7*8=")["input_ids"]]
+    kw = {"max_new_tokens": 12, "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id}
+    for greedy in (True, False):
+        torch.manual_seed(0)
+        a = rollout(clean, prompts, greedy=greedy, temperature=1.0, **kw)
+        torch.manual_seed(0)
+        b = rollout(dirty, prompts, greedy=greedy, temperature=1.0, **kw)
+        assert a.completions == b.completions and a.logprobs == b.logprobs
+    assert dirty.generation_config.repetition_penalty == 5.0  # the model's own config is put back

@@ -4,29 +4,47 @@ A suite is YAML::
 
     name: demo
     seeds: 3
+    steps: first                                     # optional: every entry trains the first entry's steps
     recipes:
       - mnist1d-ce                                   # a shipped recipe name or a path
       - {recipe: mnist1d-kd, label: kd+ls, set: [method.standardize=true]}
 
-Finished runs with an identical resolved recipe are reused, and the teacher is trained once.
+``steps`` (optional) gives every entry the same number of optimizer steps: ``first``, the first entry's
+(after ``--set`` overrides: epochs × steps per epoch, or its ``train.max_steps``), or a number. An entry
+with more steps than that gets ``train.max_steps``; one with fewer gets more epochs (and
+``train.max_steps`` where the last epoch is cut); an entry that already has it is left as it is.
+Without ``steps`` each entry trains as its recipe says; the leaderboard states the steps either way.
+
+Seeds: seed ``s`` sets the student recipe's ``seed`` (initialisation, data order, the method's own
+randomness). A teacher (or init) recipe keeps its own seed: it is trained once, into
+``<teachers>/_teachers/<name>-<fingerprint>``, and shared by every seed and entry, so the spread over
+seeds is the student's. ``teachers`` defaults to ``runs`` (the teachers ``distill run`` trains) when
+no ``out`` is given, else to ``out``. Finished runs with an identical resolved recipe are reused.
 """
 
 from __future__ import annotations
 
 import csv
+import json
+import math
+import os
+import re
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from distill.core import report
-from distill.core.recipe import Strict, load_recipe
-from distill.core.runner import RunResult, run_recipe
+from distill.core.recipe import Recipe, Strict, load_recipe
+from distill.core.registry import METHODS
+from distill.core.rundir import check_run_name
+from distill.core.runner import RunResult, build_task, run_recipe, task_ops
+from distill.core.trainer import EpochBatches
 from distill.errors import MissingFileError, RecipeError, did_you_mean
 
 COLUMNS = [
@@ -90,7 +108,17 @@ class Suite(Strict):
     name: str
     description: str = ""
     seeds: int = Field(3, ge=1)
+    steps: int | Literal["first"] | None = Field(
+        None, description="optimizer steps of every entry: a number, or 'first' (the first entry's); "
+        "absent: each entry's recipe decides")
     recipes: list[Entry | str]
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1, or 'first'")
+        return v
 
     def entries(self) -> list[Entry]:
         return [Entry(recipe=e) if isinstance(e, str) else e for e in self.recipes]
@@ -121,11 +149,59 @@ class Row:
     method: str
     runs: list[RunResult]
 
-    def stat(self, key: str) -> tuple[float, float] | None:
+    def stat(self, key: str) -> tuple[float, float | None] | None:
+        """Mean and standard deviation over seeds; the deviation is None with one seed (no spread)."""
         vals = [r.metrics[key] for r in self.runs if key in r.metrics]
         if not vals:
             return None
-        return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
+
+    def steps(self) -> list[int]:
+        """The optimizer steps each run trained (the last step of its history)."""
+        return [max((int(h["step"]) for h in r.history if "step" in h), default=0) for r in self.runs]
+
+
+def run_folder_name(label: str) -> str:
+    """A label as a run folder name: characters a run name may not hold (e.g. '+') become '_'."""
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", label)
+
+
+def steps_per_epoch(recipe: Recipe, tasks: dict[str, Any]) -> int:
+    """Optimizer steps per epoch of ``recipe``, as the trainer counts them (its method's training set:
+    labeled samples, plus the transfer set for methods that use it). ``tasks`` caches built tasks."""
+    key = json.dumps(recipe.task.model_dump(mode="json"), sort_keys=True)
+    if key not in tasks:
+        tasks[key] = task_ops(build_task(recipe))
+    n = len(tasks[key].task_info(METHODS.get(recipe.method.name).obj.uses_unlabeled).train)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return math.ceil(EpochBatches(n, recipe.train.batch_size, 0, 0, world).per_epoch / recipe.train.grad_accum)
+
+
+def planned_steps(recipe: Recipe, spe: int) -> int:
+    total = recipe.train.epochs * spe
+    return min(total, recipe.train.max_steps) if recipe.train.max_steps else total
+
+
+def equal_steps(suite: Suite, entries: list[Entry], recipes: list[tuple[str, Recipe]], base: Path,
+                overrides: list[str]) -> tuple[list[tuple[str, Recipe]], int]:
+    """Every entry's recipe set to train exactly the suite's ``steps`` (see the module's docstring)."""
+    tasks: dict[str, Any] = {}
+    for label, r in recipes:
+        if r.stages:
+            raise RecipeError(f"suite {suite.name}: 'steps' cannot budget entry '{label}': a staged recipe's "
+                              "stages set their own steps")
+    spes = [steps_per_epoch(r, tasks) for _, r in recipes]
+    budget = planned_steps(recipes[0][1], spes[0]) if suite.steps == "first" else int(suite.steps)
+    out = []
+    for e, (label, r), spe in zip(entries, recipes, spes):
+        have = planned_steps(r, spe)
+        if have != budget:
+            epochs = r.train.epochs if have > budget else max(r.train.epochs, math.ceil(budget / spe))
+            extra = [f"train.epochs={epochs}", f"train.max_steps={'null' if epochs * spe == budget else budget}"]
+            r = load_recipe(e.recipe, e.set + overrides + extra, base_dir=base)
+            assert planned_steps(r, spe) == budget
+        out.append((label, r))
+    return out, budget
 
 
 def run_suite(
@@ -135,22 +211,42 @@ def run_suite(
     overrides: list[str] | None = None,
     on_run: Callable[[str, int, RunResult], None] | None = None,
     progress: bool = True,
+    teachers: str | Path | None = None,
 ) -> tuple[list[Row], Path]:
+    """Run every entry of a suite over ``seeds`` seeds into ``out`` and write the leaderboard there.
+
+    ``teachers``: where teacher (and init) recipes are trained once and cached (``<teachers>/_teachers``);
+    default ``runs`` (shared with ``distill run`` and every other bench) when ``out`` is not given,
+    else ``out``."""
     suite, base = load_suite(ref)
+    default_out = out is None
     out = Path(out) if out else Path("runs") / "bench" / suite.name
+    teachers = Path(teachers) if teachers is not None else (Path("runs") if default_out else out)
     n_seeds = seeds or suite.seeds
     entries = suite.entries()
+    overrides = list(overrides or [])
     # validate every recipe before training anything
     recipes = []
     for e in entries:
-        r = load_recipe(e.recipe, e.set + (overrides or []), base_dir=base)
+        r = load_recipe(e.recipe, e.set + overrides, base_dir=base)
         recipes.append((e.label or r.name, r))
+    folders: dict[str, str] = {}
+    for label, _ in recipes:
+        folder = run_folder_name(label)
+        if folder in folders:
+            raise RecipeError(f"suite {suite.name}: labels '{folders[folder]}' and '{label}' name the same run folders "
+                              f"('{folder}-s0', ...); give the entries distinct labels")
+        check_run_name(f"{folder}-s0", f"suite {suite.name}: label '{label}' gives the run name")
+        folders[folder] = label
+    if suite.steps is not None:
+        recipes, _ = equal_steps(suite, entries, recipes, base, overrides)
     rows = []
     for label, r in recipes:
         runs = []
         for seed in range(n_seeds):
             rs = r.model_copy(update={"seed": seed})
-            res = run_recipe(rs, out=out, name=f"{label}-s{seed}", progress=progress)
+            res = run_recipe(rs, out=out, name=f"{run_folder_name(label)}-s{seed}", progress=progress,
+                             refs_out=teachers)
             runs.append(res)
             if on_run:
                 on_run(label, seed, res)
@@ -160,13 +256,27 @@ def run_suite(
 
 
 def cell(row: Row, key: str) -> str:
+    """``mean ± std`` over seeds; the mean alone with one seed."""
     s = row.stat(key)
     if s is None:
         return "–"
     digits = 1 if key.startswith("time/") else 4
-    if key in PERCENT:
-        return f"{100 * s[0]:.2f} ± {100 * s[1]:.2f}"
-    return f"{s[0]:.{digits}f} ± {s[1]:.{digits}f}"
+    scale = 100 if key in PERCENT else 1
+    digits = 2 if key in PERCENT else digits
+    mean = f"{scale * s[0]:.{digits}f}"
+    return mean if s[1] is None else f"{mean} ± {scale * s[1]:.{digits}f}"
+
+
+def steps_line(suite: Suite, rows: list[Row]) -> str:
+    """What the leaderboard says about training length: the optimizer steps each entry's runs took."""
+    per_row = {row.label: sorted(set(row.steps())) for row in rows}
+    values = {v for vs in per_row.values() for v in vs}
+    how = {None: "", "first": " (the suite's `steps: first`: the first entry's budget)"}.get(
+        suite.steps, f" (the suite's `steps: {suite.steps}`)")
+    if len(values) == 1:
+        return f"Every run: {values.pop():,} optimizer steps{how}."
+    shown = "; ".join(f"{label} {vs[0]:,}" + (f"–{vs[-1]:,}" if len(vs) > 1 else "") for label, vs in per_row.items() if vs)
+    return f"Optimizer steps per run: {shown}{how} (not equal: compare with care)."
 
 
 def teacher_metrics(rows: list[Row]) -> dict[str, float]:
@@ -180,13 +290,15 @@ def teacher_metrics(rows: list[Row]) -> dict[str, float]:
 def leaderboard_markdown(suite: Suite, rows: list[Row], n_seeds: int) -> str:
     cols = columns(rows)
     head = "| method | " + " | ".join(c[1] for c in cols) + " |"
+    spread = "One seed (no spread)" if n_seeds == 1 else f"Mean ± std over {n_seeds} seeds"
     lines = [
         f"# Leaderboard: {suite.name}",
         "",
         suite.description.strip(),
         "",
-        f"Mean ± std over {n_seeds} seed(s); test metrics of the last-epoch model (never selected on test). "
-        "Accuracy and exact match in %.",
+        f"{spread}; test metrics of the last-epoch model (never selected on test). "
+        "Accuracy and exact match in %. " + steps_line(suite, rows) +
+        " Each teacher is trained once and shared by every seed: the seed varies the student only.",
         "",
         head,
         "|" + "---|" * (len(cols) + 1),
@@ -206,12 +318,13 @@ def write_leaderboard(out: Path, suite: Suite, rows: list[Row], n_seeds: int) ->
     with open(out / "leaderboard.csv", "w", newline="") as f:
         w = csv.writer(f)
         cols = columns(rows)
-        w.writerow(["method", "seeds"] + [f"{c[0]}_{s}" for c in cols for s in ("mean", "std")])
+        w.writerow(["method", "seeds", "steps"] + [f"{c[0]}_{s}" for c in cols for s in ("mean", "std")])
         for row in rows:
-            cells: list[Any] = [row.label, len(row.runs)]
+            steps = sorted(set(row.steps()))
+            cells: list[Any] = [row.label, len(row.runs), steps[0] if len(steps) == 1 else statistics.fmean(row.steps())]
             for c in cols:
                 s = row.stat(c[0])
-                cells += list(s) if s else ["", ""]
+                cells += [s[0], "" if s[1] is None else s[1]] if s else ["", ""]  # one seed: no std
             w.writerow(cells)
     plot_leaderboard(out / "leaderboard.png", rows, teacher_metrics(rows))
     plot_curves(out / "curves.png", rows)
@@ -226,14 +339,15 @@ def plot_leaderboard(path: Path, rows: list[Row], teacher: dict[str, float]) -> 
         have = [st for st in stats if st is not None]
         # a method without the metric (e.g. no teacher, so no KL to it) gets no bar, not a zero
         ax.bar(labels, [st[0] if st else float("nan") for st in stats],
-               yerr=[st[1] if st else 0.0 for st in stats], capsize=4, color="tab:blue")
+               yerr=[(st[1] or 0.0) if st else 0.0 for st in stats], capsize=4, color="tab:blue")
         tk = key.removeprefix("test/")
         if tk in teacher:
             ax.axhline(teacher[tk], color="tab:red", ls="--", label="teacher")
             ax.legend()
         if key in PERCENT and have:
-            lo = min(st[0] - st[1] for st in have)
-            ax.set_ylim(max(0.0, lo - 0.05), min(1.0, max(max(st[0] + st[1] for st in have), teacher.get(tk, 0)) + 0.03))
+            lo = min(st[0] - (st[1] or 0.0) for st in have)
+            hi = max(st[0] + (st[1] or 0.0) for st in have)
+            ax.set_ylim(max(0.0, lo - 0.05), min(1.0, max(hi, teacher.get(tk, 0)) + 0.03))
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=35)
         for t in ax.get_xticklabels():

@@ -17,7 +17,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_serializer,
                       model_validator)
 
-from distill.core.registry import ARCHS, METHODS, REFS, TASKS, Params, Registry
+from distill.core.registry import ARCHS, METHODS, REFS, TASKS, Params, Registry, path_fields
 from distill.core.rundir import check_run_name
 from distill.errors import MissingFileError, RecipeError, did_you_mean
 
@@ -114,22 +114,27 @@ class TrainConfig(Strict):
     def _trackers(cls, v: str | list[str]) -> str | list[str]:
         """Kept as given (the default serialises as ``auto``, as before); every name must be one Accelerate
         knows and whose package is installed, so a typo or a missing package fails before anything trains."""
+        from pydantic_core import PydanticCustomError
+
+        def bad(msg: str) -> PydanticCustomError:
+            return PydanticCustomError("trackers", msg.replace("{", "{{").replace("}", "}}"))
+
         names = [v] if isinstance(v, str) else list(v)
         if not names:
-            raise ValueError("give a tracker name, a list of names, 'auto' or 'none'")
+            raise bad("give a tracker name, a list of names, 'auto' or 'none'")
         if len(names) > 1 and {"auto", "none"} & set(names):
-            raise ValueError("'auto' and 'none' stand alone, not in a list")
+            raise bad("'auto' and 'none' stand alone, not in a list")
         if len(set(names)) != len(names):
-            raise ValueError(f"a tracker is named twice in {names}")
+            raise bad(f"a tracker is named twice in {names}")
         if names[0] in ("auto", "none"):
             return v
         known, available = cls.accelerate_trackers()
         for n in names:
             if n not in known:
-                raise ValueError(f"unknown tracker '{n}'{did_you_mean(n, known)}; "
-                                 f"Accelerate supports {', '.join(known)} (or auto, none)")
+                raise bad(f"unknown tracker '{n}'{did_you_mean(n, known)}; Accelerate supports {', '.join(known)} "
+                          "(or auto, none)")
             if n not in available:
-                raise ValueError(f"tracker '{n}' is not installed (pip install {n}), or choose another (none: no tracker)")
+                raise bad(f"tracker '{n}' is not installed (pip install {n}), or choose another (none: no tracker)")
         return v
 
     @staticmethod
@@ -147,6 +152,10 @@ class TrainConfig(Strict):
             return ["tensorboard"] if "tensorboard" in self.accelerate_trackers()[1] else []
         return [self.trackers] if isinstance(self.trackers, str) else list(self.trackers)
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no_is_not_false(cls, v: Any) -> Any:
+        return "no" if v is False else v  # `--set train.mixed_precision=no`: YAML reads `no` as false
 
 
 class Component(Strict):
@@ -306,7 +315,13 @@ def _fields_at(model: type[BaseModel], path: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
-def _validate_component(section: str, raw: Any, registry: Registry) -> dict[str, Any]:
+def _absolute(value: str, base: Path) -> str:
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _validate_component(section: str, raw: Any, registry: Registry, base_dir: Path,
+                        cwd_keys: frozenset[str] = frozenset()) -> dict[str, Any]:
     key = _SECTION_KEYS[section]
     if isinstance(raw, str):
         raw = {key: raw}
@@ -319,7 +334,12 @@ def _validate_component(section: str, raw: Any, registry: Registry) -> dict[str,
         params = entry.params.model_validate(raw)
     except ValidationError as err:
         raise RecipeError(_format(err, section, entry.params)) from None
-    return {"name": entry.name, "params": params.model_dump(mode="json")}
+    values = params.model_dump(mode="json")
+    for field in path_fields(entry.params):  # one rule: absolute from here on (recipe.yaml re-runs from anywhere)
+        if isinstance(values.get(field), str):
+            given_on_cli = f"{section}.{field}" in cwd_keys or section in cwd_keys
+            values[field] = _absolute(values[field], Path.cwd() if given_on_cli else base_dir)
+    return {"name": entry.name, "params": values}
 
 
 def params_of(component: Component, registry: Registry) -> Params:
@@ -331,7 +351,10 @@ def method_params(recipe: Recipe) -> Params:
     return params_of(recipe.method, METHODS)
 
 
-def recipe_from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> Recipe:
+def recipe_from_dict(data: dict[str, Any], base_dir: str | Path = ".", cwd_keys: frozenset[str] = frozenset()) -> Recipe:
+    """A validated recipe. Paths in it (``PathField`` parameters, ``teacher``/``init`` folders) are relative
+    to ``base_dir`` (a recipe file's folder), except the keys in ``cwd_keys`` (``--set`` overrides), which
+    are relative to the working directory; parameter paths are stored absolute."""
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a YAML mapping")
     data = copy.deepcopy(data)
@@ -341,7 +364,7 @@ def recipe_from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> Recipe
             # accept both the flat form {name: kd, temperature: 2} and the resolved {name, params}
             if isinstance(comp, dict) and set(comp) <= {"name", "params"} and "params" in comp:
                 comp = {_SECTION_KEYS[section]: comp["name"], **comp["params"]}
-            data[section] = _validate_component(section, comp, registry)
+            data[section] = _validate_component(section, comp, registry, Path(base_dir), cwd_keys)
     for required in ("name", "task", "method"):
         if required not in data:
             raise RecipeError(f"recipe key '{required}' is missing")
@@ -350,6 +373,13 @@ def recipe_from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> Recipe
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError(_format(err, "", Recipe)) from None
+    for key in _REF_KEYS:  # an inlined teacher/init recipe is valid before anything trains
+        ref = getattr(recipe, key)
+        if ref is not None and isinstance(ref.recipe, dict):
+            try:
+                recipe_from_dict(ref.recipe, base_dir=base_dir)
+            except RecipeError as err:
+                raise RecipeError(f"{key}.recipe: {err}") from None
     if recipe.stages:  # every stage is a valid recipe before anything trains
         stage_recipes(recipe)
     return recipe
@@ -425,15 +455,46 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cwd: Path | None
     return data
 
 
-def load_recipe(ref: str | Path, overrides: list[str] | None = None, base_dir: str | Path = ".") -> Recipe:
-    path = find_recipe(str(ref), base_dir)
+def _read(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise RecipeError(f"recipe {path}: not valid YAML ({err})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path}: must be a YAML mapping")
-    return recipe_from_dict(apply_overrides(data, overrides or [], cwd=Path.cwd()), base_dir=path.parent)
+    return data
+
+
+def flat_sections(d: dict[str, Any]) -> dict[str, Any]:
+    """A resolved recipe's ``{name, params}`` sections in the flat form (``{name: kd, temperature: 2}``), so
+    ``--set`` paths read as in a recipe file."""
+    for section, key in _SECTION_KEYS.items():
+        comp = d.get(section)
+        if isinstance(comp, dict) and "params" in comp:
+            d[section] = {key: comp["name"], **comp["params"]}
+    return d
+
+
+def _inline_refs(data: dict[str, Any], overrides: list[str], base_dir: Path) -> dict[str, Any]:
+    """``--set teacher.recipe.train.epochs=5`` on a recipe that names its teacher recipe by file: inline
+    that recipe (resolved against its own folder) so the override has somewhere to go."""
+    for key in _REF_KEYS:
+        ref = data.get(key)
+        if isinstance(ref, dict) and isinstance(ref.get("recipe"), str) and any(
+                parse_override(o)[0][:3] != parse_override(o)[0][:2] and parse_override(o)[0][:2] == [key, "recipe"]
+                for o in overrides):
+            path = find_recipe(ref["recipe"], base_dir)
+            inner = recipe_from_dict(_read(path), base_dir=path.parent).resolved()
+            data = {**data, key: {**ref, "recipe": flat_sections(inner)}}
+    return data
+
+
+def load_recipe(ref: str | Path, overrides: list[str] | None = None, base_dir: str | Path = ".") -> Recipe:
+    path = find_recipe(str(ref), base_dir)
+    data = _inline_refs(_read(path), overrides or [], path.parent)
+    cwd_keys = frozenset(".".join(parse_override(o)[0][:2]) for o in overrides or [])
+    return recipe_from_dict(apply_overrides(data, overrides or [], cwd=Path.cwd()), base_dir=path.parent,
+                            cwd_keys=cwd_keys)
 
 
 # --- staged recipes (run by core/stages.py) -------------------------------------------------------
@@ -449,12 +510,8 @@ def stage_recipe(recipe: Recipe, i: int, start: str | None = None) -> Recipe:
     """Stage ``i`` of ``recipe`` as a plain recipe; ``start`` is stage ``i − 1``'s run folder (absolute)."""
     assert recipe.stages is not None
     stage = recipe.stages[i]
-    d: dict[str, Any] = recipe.resolved()
+    d: dict[str, Any] = flat_sections(recipe.resolved())
     d.pop("stages", None)
-    for section, key in _SECTION_KEYS.items():  # the flat form, so --set paths read as in a recipe file
-        comp = d.get(section)
-        if isinstance(comp, dict) and "params" in comp:
-            d[section] = {key: comp["name"], **comp["params"]}
     d["name"] = f"{recipe.name}-{stage.name}"
     if stage.method is not None:
         d["method"] = copy.deepcopy(stage.method)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from distill.errors import DistillError, RecipeError, did_you_mean
 
@@ -26,6 +26,17 @@ class Params(BaseModel):
     """Base of every parameter model: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+def PathField(default: Any = ..., description: str = "", **kw: Any) -> Any:  # noqa: N802 (a Field)
+    """A parameter that is a file or folder: relative to the recipe file's folder (to the working directory
+    when given with ``--set`` or from Python), stored absolute in the resolved recipe."""
+    return Field(default, description=description, json_schema_extra={"path": True}, **kw)
+
+
+def path_fields(params: type[BaseModel]) -> list[str]:
+    return [n for n, f in params.model_fields.items() if isinstance(f.json_schema_extra, dict)
+            and f.json_schema_extra.get("path")]
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import os
 import re
 import socket
@@ -142,3 +144,35 @@ def describe_diff(old: dict[str, Any], new: dict[str, Any], keys: list[str], mos
     a, b = flat(old), flat(new)
     shown = ", ".join(f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys[:most])
     return shown + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
+INPUTS = "inputs.json"
+
+
+def _stamp(path: Path) -> str:
+    """Cheap identity of a file or folder's contents: sizes and modification times (not a hash: a data
+    set or a model folder may be large, and this is checked on every reuse)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()
+                                                 and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    rows = [[str(p.relative_to(path)) if p != path else "", p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
+def input_stamps(resolved: dict[str, Any]) -> dict[str, list[str]]:
+    """``{recipe key: [path, stamp]}`` for every existing file or folder the resolved recipe names by an
+    absolute path (data, tokenizers, model and run folders, caches): what a reused run must still match."""
+    out = {}
+    for key, value in flat(resolved).items():
+        if isinstance(value, str) and value.startswith(os.sep) and Path(value).exists():
+            out[key] = [value, _stamp(Path(value))]
+    return out
+
+
+def changed_inputs(folder: Path) -> list[str]:
+    """The recipe keys whose file or folder changed since the run in ``folder`` was trained."""
+    saved = folder / INPUTS
+    if not saved.is_file():
+        return []
+    stamps = json.loads(saved.read_text())
+    return [f"{k} ({path})" for k, (path, stamp) in stamps.items()
+            if not Path(path).exists() or _stamp(Path(path)) != stamp]

@@ -32,8 +32,8 @@ from distill.core.distiller import Distiller, TaskInfo
 from distill.core.recipe import Recipe, method_params, params_of
 from distill.core.refs import load_student, ref_recipe, resolved_recipe
 from distill.core.registry import METHODS, TASKS
-from distill.core.rundir import (PARTIAL, RunResult, describe_diff, fsync_path, fsync_tree, recipe_diff, run_folder,
-                                 run_lock)
+from distill.core.rundir import (INPUTS, PARTIAL, RunResult, changed_inputs, describe_diff, fsync_path, fsync_tree,
+                                 input_stamps, recipe_diff, run_folder, run_lock)
 from distill.core.stages import run_stages
 from distill.core.taskops import task_ops
 from distill.core.trainer import Trainer
@@ -184,6 +184,10 @@ def _finished(final: Path, resolved: dict[str, Any], overwrite: bool) -> RunResu
     if diff:
         raise RunExistsError(f"run folder {final} exists with another recipe ({describe_diff(old, resolved, diff)}); "
                              "choose another name, --out, or --overwrite")
+    changed = changed_inputs(final)
+    if changed:
+        raise RunExistsError(f"run folder {final} was trained from inputs that changed since: {', '.join(changed[:3])}; "
+                             "choose another name, --out, or --overwrite")
     metrics = json.loads((final / "metrics.json").read_text())
     _say(f"{final} is already trained with this recipe: reusing it (--overwrite trains again)")
     return RunResult(final, metrics, report.read_csv(final / "history.csv"))
@@ -283,6 +287,7 @@ def _run_locked(recipe: Recipe, out: Path, name: str, resolved: dict[str, Any], 
     report.write_csv(partial / "history.csv", state["history"])
     ops.save_model(partial / "student", distiller.student, distiller.export_spec(spec))
     report.write_run_report(partial, resolved, metrics, state["history"])
+    (partial / INPUTS).write_text(json.dumps(input_stamps(resolved), indent=2))
     fsync_tree(partial)
     if final.exists():  # --overwrite of a run folder (checked above)
         shutil.rmtree(final)

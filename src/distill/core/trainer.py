@@ -403,9 +403,9 @@ class _Bar:
     disabled."""
 
     def __init__(self, label: str, total: int, start: int, steps_per_epoch: int, enabled: bool,
-                 every: float = PROGRESS_EVERY) -> None:
+                 every: float = PROGRESS_EVERY, console: Any = None) -> None:
         self.label, self.total, self.start, self.spe = label, total, start, steps_per_epoch
-        self.enabled, self.every = enabled, every
+        self.enabled, self.every, self.console = enabled, every, console
         self.progress = None
         self.lines = False
         self.step, self.loss = start, float("nan")
@@ -415,8 +415,8 @@ class _Bar:
             return self
         from rich.console import Console
 
-        console = Console()
-        if console.is_terminal or console.is_jupyter:
+        console = self.console or Console()
+        if console.is_interactive or console.is_jupyter:
             from rich.markup import escape
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from distill.core import weights as weights_check
 from distill.core.refs import ModelFormat
-from distill.core.registry import ARCHS, FORMATS, Params
+from distill.core.registry import ARCHS, FORMATS, Params, PathField
 from distill.errors import MismatchError, MissingFileError, RecipeError, WeightsError
 from distill.lm.data.text import tiny_causal_lm
 
@@ -54,7 +54,7 @@ def llama(p: LlamaParams, tokenizer: Any) -> nn.Module:
 
 
 class HFParams(Params):
-    path: str | None = Field(None, description="a local model folder (save_pretrained layout)")
+    path: str | None = PathField(None, description="a local model folder (save_pretrained layout)")
     config: dict[str, Any] | None = Field(None, description="an HF config as a mapping, with model_type")
     trust_remote_code: bool = Field(False, description="run code shipped with the model folder")
 
@@ -249,16 +249,26 @@ def check_same_tokenizer(a: Any, b: Any, who: str = "teacher") -> None:
                             "text differently; distillation here needs one shared tokenizer")
 
 
+def load_tokenizer(folder: str | Path) -> Any:
+    """The tokenizer saved in ``folder``, as its files define it. With a ``tokenizer.json`` it is loaded as
+    that file says (``PreTrainedTokenizerFast``), not re-built by the class ``AutoTokenizer`` maps the
+    folder's model type to (a Qwen2 folder would turn a BPE of one's own into Qwen2's splitting rules)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(folder).expanduser()
+    if (path / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path))
+
+
 def model_tokenizer(folder: str | Path) -> Any | None:
     """The tokenizer saved beside a model (a run's ``student/`` or a model folder), or None."""
-    from transformers import AutoTokenizer
-
     path = Path(folder).expanduser()
     if (path / "student").is_dir():
         path = path / "student"
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
-    return AutoTokenizer.from_pretrained(str(path))
+    return load_tokenizer(path)
 
 
 def token_logits(model: nn.Module, batch: dict[str, Tensor], vocab: int) -> Tensor:

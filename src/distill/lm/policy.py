@@ -255,8 +255,8 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 
 def reference_folder(path: str | Path) -> Path:
-    """The model folder ``path`` names: itself, or a finished run folder's ``student/``. Relative paths
-    resolve against the working directory."""
+    """The model folder ``path`` names: itself, or a finished run folder's ``student/`` (a recipe's
+    ``method.reference`` is already absolute: ``PathField``)."""
     folder = Path(path).expanduser()
     if (folder / "student" / "config.json").is_file():
         folder = folder / "student"

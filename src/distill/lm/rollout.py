@@ -13,8 +13,10 @@ score. A completion ends at (and includes) the first ``eos``; later tokens are d
 
 from __future__ import annotations
 
+import contextlib
+
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -107,6 +109,24 @@ def _trim(ids: list[int], lps: list[float], eos_id: int) -> tuple[list[int], lis
     return ids, lps, False
 
 
+@contextlib.contextmanager
+def own_generation_config(model: nn.Module, eos_id: int, pad_id: int) -> Iterator[None]:
+    """Generate with a generation config of our own only: hub models ship sampling fields in
+    ``generation_config.json`` (``repetition_penalty``, ``min_p``, ``top_k: 20``, ``temperature: 0.6``)
+    that transformers would otherwise merge into every ``generate`` call, so samples would not come from
+    π at the stated temperature while their logged log-probs do (``docs/conventions.md``). The model's
+    own config is put back afterwards."""
+    from transformers import GenerationConfig
+
+    saved = getattr(model, "generation_config", None)
+    model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id,
+                                               bos_token_id=getattr(saved, "bos_token_id", None))
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 @torch.no_grad()
 def _hf(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
         temperature: float, greedy: bool, top_p: float, batch_size: int):
@@ -119,12 +139,13 @@ def _hf(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos_id:
             chunk = prompts[i : i + batch_size]
             enc = collate([Example(p, [IGNORE_INDEX] * len(p)) for p in chunk], pad_id, padding_side="left")
             ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-            gen = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=not greedy,
-                temperature=None if greedy else temperature, top_k=None if greedy else 0,
-                top_p=None if greedy or top_p >= 1 else top_p, eos_token_id=eos_id, pad_token_id=pad_id,
-                return_dict_in_generate=True, output_logits=True,
-            )
+            with own_generation_config(model, eos_id, pad_id):
+                gen = model.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=not greedy,
+                    temperature=None if greedy else temperature, top_k=None if greedy else 0,
+                    top_p=None if greedy or top_p >= 1 else top_p, eos_token_id=eos_id, pad_token_id=pad_id,
+                    return_dict_in_generate=True, output_logits=True,
+                )
             new = gen.sequences[:, ids.shape[1]:]
             steps = torch.stack(gen.logits, dim=1).float()[:, : new.shape[1]]  # raw logits per new token
             lp = torch.log_softmax(steps / temperature, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)

@@ -14,8 +14,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_serializer, model_validator
 
-from distill.core.registry import TASKS, Params
+from distill.core.registry import TASKS, Params, PathField
 from distill.errors import MissingFileError, RecipeError
+from distill.lm import models
 from distill.lm.data import arithmetic as ar
 from distill.lm.data import canary
 from distill.lm.data.task import LMTaskData, TokenDataset, tokenizer_fingerprint
@@ -141,10 +142,10 @@ build_pytext_task.default_student = DEFAULT_STUDENT  # type: ignore[attr-defined
 
 
 class JsonlParams(Params):
-    train: str = Field(description="JSONL with prompt/completion or text fields, or a datasets save_to_disk folder")
-    val: str | None = Field(None, description="default: split from train")
-    test: str | None = Field(None, description="default: split from train")
-    tokenizer: str = Field(description="an HF tokenizer folder (usually the teacher's model folder)")
+    train: str = PathField(description="JSONL with prompt/completion or text fields, or a datasets save_to_disk folder")
+    val: str | None = PathField(None, description="default: split from train")
+    test: str | None = PathField(None, description="default: split from train")
+    tokenizer: str = PathField(description="an HF tokenizer folder (usually the teacher's model folder)")
     max_length: int = Field(512, ge=8)
     val_fraction: float = Field(0.05, gt=0, lt=0.5)
     test_fraction: float = Field(0.05, gt=0, lt=0.5)
@@ -166,14 +167,12 @@ def _file_digest(path: Path) -> str:
 @TASKS.register("jsonl", "your own data: JSONL (or a datasets folder) with prompt/completion or text (LM)",
                 JsonlParams)
 def build_jsonl(p: JsonlParams) -> LMTaskData:
-    """Paths are relative to the working directory. Prompt/completion data gets exact match of the
+    """Paths are relative to the recipe file's folder (``PathField``). Prompt/completion data gets exact match of the
     greedy completion against the reference (whitespace-stripped)."""
-    from transformers import AutoTokenizer
-
     tok_dir = Path(p.tokenizer).expanduser()
     if not tok_dir.exists():
         raise MissingFileError(f"task.tokenizer: {tok_dir} does not exist")
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    tok = models.load_tokenizer(tok_dir)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # the usual choice; padding is masked everywhere
     if tok.eos_token_id is None:

@@ -39,14 +39,14 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor, nn
 
-from distill.core.registry import METHODS
+from distill.core.registry import METHODS, PathField
 from distill.lm.policy import PolicyDistiller, PolicyParams, frozen_copy, load_reference, reference_folder, token_mean
 
 
 class GOPDParams(PolicyParams):
     group_size: int = Field(1, ge=1, description="completions per prompt (no group normalisation here)")
     lmbda: float = Field(1.0, ge=0, description="reward scale λ: 1 is OPD, > 1 extrapolates (ExOPD)")
-    reference: str | None = Field(None, description="π_ref: a model or run folder; default the student's initial weights")
+    reference: str | None = PathField(None, description="π_ref: a model or run folder; default the student's initial weights")
 
 
 def gopd_advantages(teacher_logp: Tensor, ref_logp: Tensor | None, old_logp: Tensor, lmbda: float) -> Tensor:
