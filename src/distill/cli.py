@@ -243,7 +243,9 @@ def eval_(run_dir: Path = typer.Argument(..., help="a finished run folder")) -> 
         path = run_dir / "recipe.yaml"
         if not path.is_file():
             raise DistillError(f"{run_dir} is not a run folder (no recipe.yaml)")
-        recipe = recipe_from_dict(yaml.safe_load(path.read_text()), base_dir=run_dir)
+        data = yaml.safe_load(path.read_text())
+        data["train"] = {**data.get("train", {}), "trackers": "none"}  # evaluating logs nowhere (and needs no tracker)
+        recipe = recipe_from_dict(data, base_dir=run_dir)
         ops = task_ops(build_task(recipe))
         student = ops.load_model(run_dir)
         try:  # never trains: a run folder copied elsewhere is evaluated without its teacher
@@ -258,7 +260,8 @@ def eval_(run_dir: Path = typer.Argument(..., help="a finished run folder")) -> 
     out_console.print(_metrics_table(str(run_dir), metrics))
 
 
-def _bench(suite: str, seeds: Optional[int], out: Optional[Path], set_: list[str]) -> None:
+def _bench(suite: str, seeds: Optional[int], out: Optional[Path], set_: list[str],
+           teachers: Optional[Path] = None) -> None:
     from distill.bench.suite import run_suite
 
     def on_run(label: str, seed: int, res) -> None:
@@ -271,12 +274,14 @@ def _bench(suite: str, seeds: Optional[int], out: Optional[Path], set_: list[str
                           highlight=False)
 
     try:
-        rows, folder = run_suite(suite, out=out, seeds=seeds, overrides=set_, on_run=on_run)
+        rows, folder = run_suite(suite, out=out, seeds=seeds, overrides=set_, on_run=on_run, teachers=teachers)
     except DistillError as err:
         _fail(err)
     from distill.bench.suite import cell, columns, profile, teacher_metrics
 
-    table = Table(title=f"leaderboard ({len(rows[0].runs)} seeds, mean ± std, test split)")
+    n = len(rows[0].runs)
+    table = Table(title=f"leaderboard ({n} seeds, mean ± std, test split)" if n > 1 else
+                  "leaderboard (one seed, test split)")
     table.add_column("method", no_wrap=True)
     cols = columns(rows)
     for _, title, _ in cols:
@@ -308,7 +313,7 @@ def demo(
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1),
 ) -> None:
     """MNIST-1D: a teacher, then a much smaller student with ce, kd, dkd and kd + standardization."""
-    _bench("demo", seeds, out, [])
+    _bench("demo", seeds, out, [], teachers=Path("runs") if out == Path("runs/demo") else None)  # shared teacher
 
 
 def _print_version(value: bool) -> None:
@@ -439,18 +444,13 @@ def show(name: str = typer.Argument(..., help="a method, task or arch name (`dis
             _print_params(e.params, f"method: {{name: {name}, ...}}")
             _print_recipes(_recipes_using("method", "name", name))
             shown = True
-        if name in TASKS:
-            e = TASKS.get(name)
-            out_console.print(f"[bold]{e.name}[/] (task): {e.description}", highlight=False, soft_wrap=True)
-            _print_params(e.params, f"task: {{name: {name}, ...}}")
-            _print_recipes(_recipes_using("task", "name", name))
-            shown = True
-        if name in ARCHS:
-            e = ARCHS.get(name)
-            out_console.print(f"[bold]{e.name}[/] (arch): {e.description}", highlight=False, soft_wrap=True)
-            _print_params(e.params, f"student: {{arch: {name}, ...}}")
-            _print_recipes(_recipes_using("student", "arch", name))
-            shown = True
+        for reg, kind, section, key in ((TASKS, "task", "task", "name"), (ARCHS, "arch", "student", "arch")):
+            if name in reg:
+                e = reg.get(name)
+                out_console.print(f"[bold]{e.name}[/] ({kind}): {e.description}", highlight=False, soft_wrap=True)
+                _print_params(e.params, f"{section}: {{{key}: {name}, ...}}")
+                _print_recipes(_recipes_using(section, key, name))
+                shown = True
         paper = papers.find(name)
         if paper is not None:
             _print_paper("paper", paper)

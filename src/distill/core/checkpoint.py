@@ -9,7 +9,6 @@ fell between the two renames, ``.latest.old``."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from distill.core.distiller import Distiller
+from distill.core.rundir import fsync_path
 from distill.errors import MissingFileError
 
 LATEST = "latest"
@@ -71,12 +71,6 @@ def exists(folder: Path) -> bool:
     return find(folder) is not None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save(folder: Path, distiller: Distiller, optimizers: list, schedulers: list, state: dict[str, Any]) -> None:
@@ -97,8 +91,8 @@ def save(folder: Path, distiller: Distiller, optimizers: list, schedulers: list,
     meta = {"trainer": state, "rng": _rng_state(), "method": distiller.state_extra(), "epoch": distiller.epoch}
     (tmp / "state.json").write_text(json.dumps(meta))  # last: its presence marks a complete checkpoint
     for f in ("model.safetensors", "optim.pt", "state.json"):
-        _fsync(tmp / f)
-    _fsync(tmp)
+        fsync_path(tmp / f)
+    fsync_path(tmp)
     final = folder / LATEST
     old = folder / f".{LATEST}.old"
     if _complete(final):
@@ -106,9 +100,9 @@ def save(folder: Path, distiller: Distiller, optimizers: list, schedulers: list,
         final.rename(old)
     else:
         shutil.rmtree(final, ignore_errors=True)
-    _fsync(folder)
+    fsync_path(folder)
     tmp.rename(final)
-    _fsync(folder)
+    fsync_path(folder)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -139,9 +133,9 @@ def save_best(folder: Path, student: nn.Module) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".best.tmp.safetensors"
     save_file(cpu_tensors(student.state_dict()), str(tmp))
-    _fsync(tmp)
+    fsync_path(tmp)
     tmp.replace(folder / "best_student.safetensors")
-    _fsync(folder)
+    fsync_path(folder)
 
 
 def load_best(folder: Path, student: nn.Module) -> None:

@@ -478,11 +478,11 @@ def flat_sections(d: dict[str, Any]) -> dict[str, Any]:
 def _inline_refs(data: dict[str, Any], overrides: list[str], base_dir: Path) -> dict[str, Any]:
     """``--set teacher.recipe.train.epochs=5`` on a recipe that names its teacher recipe by file: inline
     that recipe (resolved against its own folder) so the override has somewhere to go."""
+    paths = [parse_override(o)[0] for o in overrides]
     for key in _REF_KEYS:
         ref = data.get(key)
         if isinstance(ref, dict) and isinstance(ref.get("recipe"), str) and any(
-                parse_override(o)[0][:3] != parse_override(o)[0][:2] and parse_override(o)[0][:2] == [key, "recipe"]
-                for o in overrides):
+                len(p) > 2 and p[:2] == [key, "recipe"] for p in paths):
             path = find_recipe(ref["recipe"], base_dir)
             inner = recipe_from_dict(_read(path), base_dir=path.parent).resolved()
             data = {**data, key: {**ref, "recipe": flat_sections(inner)}}
