@@ -123,9 +123,26 @@ def test_weights_apply_by_dataset_index():
     idx = torch.tensor([7, 2, 5])
     batch = {"x": d.info.train.x[idx], "y": d.info.train.y[idx], "index": idx}
     s, t = d.student(batch["x"]), d.teacher(batch["x"])
-    per = [_sample_loss(s[i].double(), t[i].double(), int(batch["y"][i])) for i in range(3)]
-    expected = sum(w * v for w, v in zip((7.0, 2.0, 5.0), per)) / 3
+    kd = [_sample_loss(s[i].double(), t[i].double(), -1) for i in range(3)]  # KD_W · KD term only
+    full = [_sample_loss(s[i].double(), t[i].double(), int(batch["y"][i])) for i in range(3)]
+    w = (7.0, 2.0, 5.0)
+    labeled = int((batch["y"] >= 0).sum())
+    assert labeled == 2  # index 7 is a transfer sample
+    # KD over the batch, CE over its labeled samples (as kd does)
+    expected = sum(wi * k for wi, k in zip(w, kd)) / 3 + sum(wi * (f - k) for wi, f, k in zip(w, full, kd)) / labeled
     assert d.training_step(batch).losses["student"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_with_every_weight_one_it_is_exactly_kd():
+    """Issue 12.9: uniform influence weights give Hinton KD's loss exactly, transfer samples included."""
+    from distill.logits.methods.kd import HintonKD, KDParams
+
+    d = _distiller()
+    kd = HintonKD(d.student, d.teacher, KDParams(temperature=T, ce_weight=CE_W, kd_weight=KD_W), d.info)
+    idx = torch.tensor([0, 6, 1, 7, 8])  # labeled and unlabeled (transfer) samples
+    batch = {"x": d.info.train.x[idx], "y": d.info.train.y[idx], "index": idx}
+    assert d.training_step(batch).losses["student"].item() == pytest.approx(
+        kd.training_step(batch).losses["student"].item(), rel=1e-6)
 
 
 def test_refresh_schedule_warmup_epochs_and_steps():

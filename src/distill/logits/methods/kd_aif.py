@@ -134,9 +134,12 @@ class KDAIF(Distiller):
         s = self.student(batch["x"])
         t = self.teacher_logits(batch["x"], batch["index"])
         kd = kd_loss(s, t, p.temperature, reduction="none")
-        ce = F.cross_entropy(s.float(), y.clamp(min=0), reduction="none") * (y >= 0)
+        labeled = y >= 0
+        ce = F.cross_entropy(s.float(), y.clamp(min=0), reduction="none") * labeled
         w = self.weights[batch["index"]]
-        loss = (w * (p.kd_weight * kd + p.ce_weight * ce)).mean()
+        # KD averages over the batch, CE over its labeled samples, as ``kd`` does: with every weight 1
+        # this is exactly ``kd``'s loss (transfer samples carry no label and must not dilute the CE)
+        loss = p.kd_weight * (w * kd).mean() + p.ce_weight * (w * ce).sum() / labeled.sum().clamp(min=1)
         return Step({"student": loss}, {"kd": kd.detach().mean(), "weight_min": w.min(), "weight_max": w.max()})
 
     def on_epoch_start(self, epoch: int) -> None:

@@ -45,8 +45,10 @@ class SelfDistill(Distiller):
       4. run it with ``label_weight: xi``.
 
     Deviations from the official ``self_distiller.py``: the loss sums over classes (theirs averages,
-    a constant factor 1/C), and its explicit ``reg_coef · Σ‖θ‖`` penalty is left to the optimizer's
-    ``train.weight_decay``. Only labeled samples are used (the target needs a label).
+    a constant factor 1/C), and its explicit penalty ``reg_coef · Σ_tensors ‖θ‖₂`` (the sum of the
+    parameter tensors' L2 norms, *not* squared: not weight decay, whose gradient is proportional to θ)
+    is not implemented; ``train.weight_decay`` (a squared-norm penalty) is the nearest setting and is
+    not the same regulariser. Only labeled samples are used (the target needs a label).
     """
 
     uses_unlabeled = False
