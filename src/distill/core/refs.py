@@ -100,6 +100,11 @@ def resolved_recipe(recipe: Recipe) -> dict[str, Any]:
     return d
 
 
+def trained_folder(out: Path, base: Recipe) -> Path:
+    """Where a teacher (or init) recipe is trained once and kept: ``<out>/_teachers/<name>-<fingerprint>``."""
+    return out / "_teachers" / f"{base.name}-{base.fingerprint()}"
+
+
 def is_offline(ref: ModelRef | None) -> bool:
     return ref is not None and ref.kind in REFS and REFS.get(ref.kind).obj.offline
 
@@ -121,7 +126,7 @@ def resolve_model(recipe: Recipe, out: Path, progress: bool, key: str,
         return path
     if kind == "recipe":
         base = ref_recipe(recipe, key)
-        cached = out / "_teachers" / f"{base.name}-{base.fingerprint()}"
+        cached = trained_folder(out, base)
         if not (cached / "metrics.json").is_file():
             train(base, cached.parent, cached.name)
         return cached

@@ -97,8 +97,10 @@ def _interrupted_refs(recipe: Recipe, out: Path) -> bool:
     """Whether a teacher or init recipe of ``recipe`` has an interrupted run waiting in ``<out>/_teachers``."""
     for key in ("teacher", "init"):
         base = ref_recipe(recipe, key)
-        if base is not None and ckpt.exists(out / "_teachers" / f"{base.name}-{base.fingerprint()}{PARTIAL}" / "checkpoints"):
-            return True
+        if base is not None:
+            folder = refs.trained_folder(out, base)
+            if ckpt.exists(folder.with_name(folder.name + PARTIAL) / "checkpoints"):
+                return True
     return False
 
 
