@@ -132,7 +132,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 @pytest.mark.slow
 def test_a_second_writer_of_one_run_is_refused(tmp_path):
-    write(tmp_path / "long.yaml", tiny_recipe("long", {"name": "ce"}, epochs=400))
+    write(tmp_path / "long.yaml", tiny_recipe("long", {"name": "ce"}, epochs=20000))  # still running when checked
     first = start("run", "long.yaml", "--out", "runs", cwd=tmp_path)
     try:
         wait_for(tmp_path / "runs" / "long.partial" / "recipe.yaml", first)
@@ -147,23 +147,36 @@ def test_a_second_writer_of_one_run_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_students_sharing_an_untrained_teacher_train_it_once(tmp_path):
-    write(tmp_path / "teacher.yaml", tiny_teacher() | {"train": {**tiny_teacher()["train"], "epochs": 12}})
-    write(tmp_path / "a.yaml", tiny_recipe("a", {"name": "kd"}, {"recipe": "teacher.yaml"}, epochs=1))
-    write(tmp_path / "b.yaml", tiny_recipe("b", {"name": "kd", "temperature": 2.0}, {"recipe": "teacher.yaml"},
-                                           epochs=1))
-    a = start("run", "a.yaml", "--out", "runs", cwd=tmp_path)
-    teachers = tmp_path / "runs" / "_teachers"
-    end = time.time() + 120
-    while not any(teachers.glob("*.partial")):  # the first process is training the teacher
-        assert a.poll() is None and time.time() < end, a.communicate()
-        time.sleep(0.05)
-    b = start("run", "b.yaml", "--out", "runs", cwd=tmp_path)
-    out_a, out_b = a.communicate(timeout=300), b.communicate(timeout=300)
-    assert a.returncode == 0 and b.returncode == 0, (out_a[1], out_b[1])
-    assert "waiting for" in out_b[1] and "reusing it" in out_b[1]
-    names = [p.name for p in teachers.iterdir() if not p.name.startswith(".")]
-    assert len(names) == 1 and names[0].startswith("tiny-teacher-") and not names[0].endswith(".partial")
+def test_a_teacher_being_trained_elsewhere_is_waited_for_then_reused(tmp_path):
+    """Deterministic: this process holds the teacher's lock (as the process training it would), the student
+    run waits; the teacher then appears (the other process finished) and the lock is released: the
+    student reuses it, never trains or deletes it."""
+    import threading
+
+    from distill.core.refs import trained_folder
+    from distill.core.rundir import run_lock
+
+    teacher = tiny_teacher()
+    write(tmp_path / "teacher.yaml", teacher)
+    write(tmp_path / "b.yaml", tiny_recipe("b", {"name": "kd"}, {"recipe": "teacher.yaml"}, epochs=1))
+    folder = trained_folder(tmp_path / "runs", recipe_from_dict(teacher, base_dir=tmp_path))
+    trained = run_recipe(recipe_from_dict(teacher), out=tmp_path / "elsewhere", name=folder.name).run_dir
+    lines: list[str] = []
+    with run_lock(folder.parent, folder.name):
+        b = start("run", "b.yaml", "--out", "runs", cwd=tmp_path)
+        reader = threading.Thread(target=lambda: lines.extend(b.stderr), daemon=True)
+        reader.start()
+        end = time.time() + 120
+        while not any("waiting for" in line for line in lines):
+            assert b.poll() is None and time.time() < end, lines
+            time.sleep(0.05)
+        shutil.copytree(trained, folder)  # the other process finishes the teacher
+        stamp = (folder / "metrics.json").stat().st_mtime_ns
+    assert b.wait(timeout=300) == 0, lines
+    reader.join(timeout=10)
+    assert any("reusing it" in line for line in lines), lines
+    assert (folder / "metrics.json").stat().st_mtime_ns == stamp  # reused, not trained again
+    assert [p.name for p in folder.parent.iterdir() if not p.name.startswith(".")] == [folder.name]
 
 
 def test_lock_is_released_by_a_killed_process(tmp_path):
