@@ -48,7 +48,10 @@ def test_tram_perturbation_matches_an_independent_computation(noise_type):
     p_noisy = F.softmax((x + z) @ w0.T + b0, -1)
     log_clean = F.log_softmax(x @ w0.T + b0, -1)
     kl = (p_noisy * (p_noisy.log() - log_clean)).sum(-1).mean()
-    rho = 2.0 * kl
+    # the official radius: F.kl_div(mean over the B·C elements) / B
+    official = F.kl_div(log_clean, p_noisy.log(), reduction="mean", log_target=True) / x.shape[0]
+    assert official.item() == pytest.approx(kl.item() / (8 * 3), rel=1e-5)
+    rho = 2.0 * official
     norm = torch.sqrt((gw**2).sum() + (gb**2).sum())
     assert tram.last_radius == pytest.approx(rho.item(), rel=1e-4)  # float32 KL of nearby distributions
     assert torch.allclose(d.student.weight.detach(), w0 + rho * gw / norm, atol=1e-6)
@@ -76,7 +79,7 @@ def test_tram_averages_the_divergence_over_micro_batches():
     for b in parts:  # what radius() draws, in the same order
         x = b["x"]
         noisy = F.softmax(d.student(x + torch.randn_like(x) * 0.3), -1)
-        kls.append((noisy * (noisy.log() - F.log_softmax(d.student(x), -1))).sum(-1).mean())
+        kls.append((noisy * (noisy.log() - F.log_softmax(d.student(x), -1))).sum(-1).mean() / (4 * 3))  # / (B·C)
     expected = torch.stack(kls).mean().item()
     torch.manual_seed(11)
     assert tram.radius() == pytest.approx(expected, rel=1e-4)

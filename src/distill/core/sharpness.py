@@ -53,9 +53,10 @@ class TRAM(SAM):
     The divergence needs the model's outputs on the current batch: TRAM holds the distiller,
     records each micro-batch it is called on before ``perturb`` (a forward pre-hook), and in
     ``perturb`` runs the student on them again, with and without noise (no gradient), averaging the
-    KL over the micro-batches of the step. Deviations from the official code: the KL is summed
-    over classes and averaged over the batch (the official ``F.kl_div(reduction="mean") / batch``
-    equals ours times ``1 / (classes · batch)``; ``scale`` reproduces it); the noise is added to
+    KL over the micro-batches of the step. The radius is normalised as the official code's
+    ``F.kl_div(reduction="mean") / batch``: ``Σ_rows KL / (B² · C)`` for a micro-batch of B rows and C
+    classes, so ``scale = 1`` is the official radius at any B and C (the batch-mean KL is B · C times it).
+    Deviations from the official code: the noise is added to
     the inputs (the official code noises token embeddings; our tasks have no embedding layer);
     ``ε`` follows the gradient direction (the official ``first_step`` multiplies the radius by a
     tensor of ones instead of ``p.grad``, which we read as a bug, since the paper perturbs along
@@ -86,7 +87,8 @@ class TRAM(SAM):
         for x in self._inputs:
             log_clean = torch.log_softmax(self.student(x).float(), dim=-1)
             log_noisy = torch.log_softmax(self.student(x + self._noise_like(x)).float(), dim=-1)
-            kls.append(kl_rows(log_noisy, log_clean).mean())
+            # the official normalisation: F.kl_div(reduction="mean") / batch = Σ_rows KL / (B² · C)
+            kls.append(kl_rows(log_noisy, log_clean).sum() / (x.shape[0] ** 2 * log_clean.shape[-1]))
         self.last_radius = self.scale * torch.stack(kls).mean().item() if kls else 0.0
         return self.last_radius
 
