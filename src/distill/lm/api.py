@@ -23,9 +23,9 @@ from distill.lm.data.text import TextRecord, load_records
 
 def as_records(data: Any, arg: str) -> list[TextRecord]:
     """A split given from Python as text records; errors name the argument."""
-    if isinstance(data, (str, Path)) and not isinstance(data, str) or (isinstance(data, str) and Path(data).exists()):
+    if isinstance(data, (str, Path)):  # a JSONL file or a datasets folder (a missing one is named)
         return load_records(Path(data))
-    if isinstance(data, str) or not isinstance(data, Sequence) or not data:
+    if not isinstance(data, Sequence) or not data:
         raise DataError(f"{arg}: give a non-empty list of strings or of {{'prompt', 'completion'}} / {{'text'}} "
                         "mappings, or a JSONL path")
     out = []
