@@ -187,3 +187,78 @@ def test_a_list_of_trackers_logs_to_each(tmp_path):
     assert r.resolved()["train"]["trackers"] == ["tensorboard"]
     res = run_recipe(r, out=tmp_path)
     assert any((res.run_dir / "tensorboard").rglob("events.out.tfevents*"))
+
+
+def test_tune_chooses_on_validation_and_runs_the_choice_for_every_seed(suite_dir):
+    """``tune``: each value on seed 0, the best last validation accuracy (read here from the tuning runs'
+    history.csv) is run for every seed; the leaderboard lists the scores and the choice."""
+    from distill.core import report
+
+    lrs = [1.0e-9, 0.05]
+    write(suite_dir / "s.yaml", {"name": "t", "seeds": 2, "recipes": [
+        {"recipe": "ce.yaml", "label": "ce", "tune": {"train.lr": lrs}}]})
+    rows, out = run_suite(str(suite_dir / "s.yaml"), out=suite_dir / "t", progress=False)
+    val = [[h["val/accuracy"] for h in report.read_csv(out / f"ce-tune{i}-s0" / "history.csv") if "val/accuracy" in h][-1]
+           for i in range(2)]
+    assert val[0] != val[1]  # the two learning rates must be told apart for the check to mean anything
+    chosen = lrs[max(range(2), key=lambda i: (val[i], -i))]
+    best = [1.0e-9, 0.05].index(chosen)
+    assert rows[0].runs[0].run_dir.name == f"ce-tune{best}-s0"  # seed 0 is the chosen value's tuning run
+    assert not (out / "ce-s0").exists()
+    assert yaml.safe_load((out / "ce-s1" / "recipe.yaml").read_text())["train"]["lr"] == chosen
+    assert f"train.lr={chosen} → {100 * max(val):.1f} (chosen)" in (out / "leaderboard.md").read_text()
+
+
+def test_tune_values_are_validated_before_training(suite_dir):
+    write(suite_dir / "s.yaml", {"name": "t", "seeds": 1, "recipes": [
+        {"recipe": "ce.yaml", "tune": {"train.lr": [0.01, "fast"]}}]})
+    with pytest.raises(RecipeError, match="train.lr"):
+        run_suite(str(suite_dir / "s.yaml"), out=suite_dir / "t", progress=False)
+    assert not (suite_dir / "t").exists()
+
+
+def test_tune_grid():
+    from distill.bench.suite import tune_grid
+
+    assert tune_grid({}) == []  # an entry without tune runs as it is
+    assert tune_grid({"train.lr": [0.1, 0.2], "method.temperature": [2]}) == [
+        ["train.lr=0.1", "method.temperature=2"], ["train.lr=0.2", "method.temperature=2"]]
+
+
+def test_an_entry_already_trained_as_a_per_seed_init_reuses_it(suite_dir):
+    """kd starts from ce of the same seed (``seed: same``); the suite's ce row is then the very runs the
+    inits are: reused from ``_teachers``, not trained twice."""
+    write(suite_dir / "kd2.yaml", tiny_recipe("kd2", {"name": "kd"}, {"recipe": "teacher.yaml"}) | {
+        "student": None, "init": {"recipe": "ce.yaml", "seed": "same"}})
+    write(suite_dir / "s.yaml", {"name": "r", "seeds": 2, "recipes": ["kd2.yaml", "ce.yaml"]})
+    rows, out = run_suite(str(suite_dir / "s.yaml"), out=suite_dir / "r", progress=False)
+    inits = sorted(p.name for p in (out / "_teachers").iterdir() if p.name.startswith("ce-"))
+    assert len(inits) == 2  # one init per seed
+    assert sorted(r.run_dir.name for r in rows[1].runs) == inits and not (out / "ce-s0").exists()
+    for seed, r in enumerate(rows[1].runs):
+        assert yaml.safe_load((r.run_dir / "recipe.yaml").read_text())["seed"] == seed
+
+
+def test_baseline_gives_paired_differences(suite_dir):
+    """``baseline``: each entry minus the control on the same seed, mean ± std over seeds (computed here
+    from the runs' own metrics), in the table, the CSV and a third plot."""
+    import statistics
+
+    write(suite_dir / "s.yaml", {"name": "p", "seeds": 2, "baseline": "ce", "recipes": [
+        "ce.yaml", {"recipe": "ce.yaml", "label": "ce-lr", "set": ["train.lr=1.0e-9"]}]})
+    rows, out = run_suite(str(suite_dir / "s.yaml"), out=suite_dir / "p", progress=False)
+    d = [b.metrics["test/accuracy"] - a.metrics["test/accuracy"] for a, b in zip(rows[0].runs, rows[1].runs)]
+    assert d[0] != d[1]
+    md = (out / "leaderboard.md").read_text()
+    assert "Δ accuracy vs ce (paired)" in md
+    assert f"| ce-lr | {cell(rows[1], 'test/accuracy')} | {100 * statistics.fmean(d):+.2f} ± {100 * statistics.stdev(d):.2f} |" in md
+    assert "| ce | " + cell(rows[0], "test/accuracy") + " | +0.00 ± 0.00 |" in md
+    row = next(r for r in csv.DictReader(io.StringIO((out / "leaderboard.csv").read_text())) if r["method"] == "ce-lr")
+    assert abs(float(row["delta_test/accuracy_mean"]) - statistics.fmean(d)) < 1e-12
+
+
+def test_unknown_baseline_is_refused_before_training(suite_dir):
+    write(suite_dir / "s.yaml", {"name": "p", "seeds": 1, "baseline": "cee", "recipes": ["ce.yaml"]})
+    with pytest.raises(RecipeError, match=r"baseline 'cee' is not an entry's label \(did you mean 'ce'\?\)"):
+        run_suite(str(suite_dir / "s.yaml"), out=suite_dir / "p", progress=False)
+    assert not (suite_dir / "p").exists()

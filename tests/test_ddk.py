@@ -137,7 +137,8 @@ def test_ddk_weights_from_per_domain_perplexities():
     tok = data.tokenizer
     student, teacher = (tiny_causal_lm(None, 16, 1, 2, tok, seed=s) for s in (0, 1))
     distiller = SimpleNamespace(teacher=teacher, info=data.task_info(False), teacher_trainable=False)
-    cfg = SamplerConfig(name="ddk", every=2, smoothing=0.5, eval_batches=1)
+    assert SamplerConfig(name="ddk").smoothing == 0.5  # the paper's α
+    cfg = SamplerConfig(name="ddk", every=2, smoothing=0.3, eval_batches=1)  # not the default: α must be passed on
     s = DDKSampler(cfg, data.train, distiller, seed=0, batch_size=4, grad_accum=1)
     # eval_batches=1 of batch_size 4: each domain's first 4 validation examples
     parts = [[e for e, d in zip(data.val.examples, data.val.domains) if d == k][:4] for k in range(3)]
@@ -161,7 +162,7 @@ def test_ddk_weights_from_per_domain_perplexities():
     s.update(2, student, teacher)
     ratio = expected_ratio()
     psi = [r * math.exp(x) for r, x in zip(r0, ratio)]
-    r1 = [0.5 * p / sum(psi) + 0.5 / 3 for p in psi]  # Eq. 2
+    r1 = [0.3 * p / sum(psi) + 0.7 / 3 for p in psi]  # Eq. 2 with α = 0.3
     assert s.weights.tolist() == pytest.approx(r1, rel=1e-5)
 
 

@@ -94,6 +94,29 @@ def test_teacher_labels_the_view_the_student_sees():
     assert step.metrics["soft_frac"].item() == 1.0
 
 
+@pytest.mark.parametrize("mix", [0.0, 1.0])
+def test_self_mix_of_two_views_is_what_the_student_sees(mix):
+    from distill.tasks.augment import random_view, self_mix
+
+    torch.manual_seed(0)
+    teacher, student = _Spy(), torch.nn.Linear(40, 3)
+    p = FerKDParams(self_mix_prob=mix)
+    d = FerKD(student, teacher, p, TaskInfo(3, 4, (40,)))
+    x = torch.randn(4, 40)
+    batch = {"x": x, "y": torch.tensor([0, 1, 2, -1]), "index": torch.arange(4)}
+    seen: list[torch.Tensor] = []
+    student.register_forward_hook(lambda m, i, o: seen.append(i[0].clone()))
+    torch.manual_seed(5)
+    d.training_step(batch)
+    torch.manual_seed(5)  # replay the step's draws: view a, view b, SelfMix (only when it is on)
+    a = random_view(x, p.max_shift, (p.crop_min, 1.0), p.noise_std)
+    expected = a
+    if mix:
+        expected, _ = self_mix(a, random_view(x, p.max_shift, (p.crop_min, 1.0), p.noise_std))
+        assert not torch.equal(expected, a)
+    assert torch.equal(seen[0], expected)
+
+
 def test_resume_restores_the_augmentation_stream(tmp_runs):
     data = tiny_recipe("ferkd", {"name": "ferkd"}, {"recipe": tiny_teacher()}, epochs=2)
     straight, _ = resume_round_trip(data, tmp_runs, 3)

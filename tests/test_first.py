@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from distill.core.metrics import ece
 from distill.core.recipe import recipe_from_dict
 from distill.core.runner import run_recipe
-from distill.logits.methods.first import CALIBRATION_GRID, fit_calibration_temperature, topk_ece
+from distill.logits.methods.first import CALIBRATION_GRID, FIRSTParams, fit_calibration_temperature, topk_ece
 from distill.logits.losses import first_loss, first_targets
 
 
@@ -28,26 +28,75 @@ def test_first_targets_by_hand():
     assert target[0].tolist() == pytest.approx([a / (a + b), b / (a + b)], rel=1e-6)
 
 
-def test_first_loss_against_an_independent_formula():
+def _first_by_loop(s, t, k, tau, student_norm):
+    """S03 written out sample by sample and class by class, in float64."""
+    total = 0.0
+    for i in range(s.shape[0]):
+        e = [math.exp(v) for v in t[i].double().tolist()]
+        p = [v / sum(e) for v in e]
+        ids = sorted(range(len(p)), key=lambda c: -p[c])[:k]
+        qt = [math.exp(p[c] / tau) for c in ids]
+        qt = [v / sum(qt) for v in qt]
+        es = [math.exp(v) for v in s[i].double().tolist()]
+        ps = [es[c] / sum(es) for c in ids]  # the student's full softmax at the teacher's top-k
+        if student_norm == "topk":  # official: softmax over those k probabilities (student_temp 1)
+            ps = [math.exp(v) / sum(math.exp(u) for u in ps) for v in ps]
+        total += sum(qt[j] * (math.log(qt[j]) - math.log(ps[j])) for j in range(k))
+    return total / s.shape[0]
+
+
+@pytest.mark.parametrize("student_norm", ["topk", "full"])
+def test_first_loss_against_an_independent_formula(student_norm):
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(6, 7, generator=g), 3 * torch.randn(6, 7, generator=g)
     k, tau = 3, 0.2
-    total = 0.0
-    for i in range(6):  # row by row, in float64
-        p = torch.softmax(t[i].double(), 0)
-        top, ids = p.sort(descending=True)
-        q = torch.softmax(top[:k] / tau, 0)
-        log_s = torch.log_softmax(s[i].double(), 0)[ids[:k]]
-        total += float((q * (q.log() - log_s)).sum())
-    assert first_loss(s, t, k, tau).item() == pytest.approx(total / 6, rel=1e-5)
+    ref = _first_by_loop(s, t, k, tau, student_norm)
+    assert first_loss(s, t, k, tau, student_norm).item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_official_student_norm_is_the_default_and_differs_from_full():
+    g = torch.Generator().manual_seed(5)
+    s, t = 3 * torch.randn(8, 10, generator=g), 3 * torch.randn(8, 10, generator=g)
+    topk, full = _first_by_loop(s, t, 5, 1.0, "topk"), _first_by_loop(s, t, 5, 1.0, "full")
+    assert full > 10 * topk  # the two normalisations differ by more than an order of magnitude
+    assert first_loss(s, t, 5, 1.0).item() == pytest.approx(topk, rel=1e-5)
+    assert FIRSTParams().student_norm == "topk"
+    # not plain KD at T = 1 either
+    kd = torch.nn.functional.kl_div(torch.log_softmax(s, -1), torch.softmax(t, -1), reduction="batchmean")
+    assert abs(first_loss(s, t, 5, 1.0).item() - kd.item()) > 1e-2
+
+
+def test_method_passes_student_norm_to_the_loss():
+    from distill.core.distiller import TaskInfo
+    from distill.logits.methods.first import FIRST
+
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Linear(4, 6), torch.nn.Linear(4, 6)
+    x = torch.randn(40, 4)
+    info = TaskInfo(num_classes=6, num_train=5, input_shape=(4,), val=_Sized(x, teacher(x).argmax(-1).detach()))
+    batch = {"x": torch.randn(5, 4), "y": torch.full((5,), -1), "index": torch.arange(5)}
+    for norm in ("topk", "full"):
+        d = FIRST(student, teacher, FIRSTParams(top_k=3, student_norm=norm), info)
+        got = d.training_step(batch).losses["student"].item()
+        with torch.no_grad():
+            ref = _first_by_loop(student(batch["x"]), teacher(batch["x"]), 3, float(d.calibration_temperature), norm)
+        assert got == pytest.approx(ref, rel=1e-5)
+
+
+class _Sized:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
 
 
 def test_small_temperature_makes_first_cross_entropy_on_the_teacher_top1():
-    # τ → 0 sharpens the top-k target to the teacher's top-1: the loss becomes CE(s, argmax t)
+    # τ → 0 sharpens the top-k target to the teacher's top-1: with the full student the loss is CE(s, argmax t)
     g = torch.Generator().manual_seed(1)
     s, t = torch.randn(5, 10, generator=g), torch.randn(5, 10, generator=g)
     ce = F.cross_entropy(s, t.argmax(-1))
-    assert first_loss(s, t, 5, 1e-4).item() == pytest.approx(ce.item(), rel=1e-5)
+    assert first_loss(s, t, 5, 1e-4, "full").item() == pytest.approx(ce.item(), rel=1e-5)
 
 
 def _overconfident(n: int = 3000, classes: int = 10, acc: float = 0.6):

@@ -1,12 +1,16 @@
 """The engine's token reduction for language models (``Trainer._fetch`` / ``_grads``): one optimizer step
 over micro-batches with different valid-token counts, accumulated (``grad_accum``) or spread over
 processes (``accelerate.debug_launcher``, CPU/gloo), gives the gradients and the updated weights of one
-big batch over the same samples; ``num_items`` is the step's global valid-token count on every rank."""
+big batch over the same samples; ``num_items`` is the step's global valid-token count on every rank. The
+policy methods' other step-wide values (``num_seqs``, the ``scale_rewards="batch"`` std) are global too."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +24,7 @@ from distill.core.recipe import TrainConfig
 from distill.core.registry import METHODS
 from distill.core.trainer import EpochBatches, Trainer
 from distill.lm.base import LMDistiller
+from distill.lm.methods.grpo import GRPO, GRPOParams
 from distill.lm.methods.sft import SFT, SFTParams
 from distill.lm.data.tasks import ArithmeticParams, build_arithmetic
 from distill.lm.data.text import tiny_causal_lm
@@ -164,6 +169,15 @@ def _ddp_worker(out_dir: str) -> None:
             meta["taid_prev_loss"] = seen.get("taid_prev_loss")
             meta["world"] = dist.get_world_size()
             (out / f"{tag}.json").write_text(json.dumps(meta))
+    # grpo's step-wide counts: rank r samples r + 1 micro-batches (uneven); both ranks must see the global
+    # sequence count and the std of every rank's rewards (collectives inside prepare_batches)
+    parity = dataclasses.replace(data, verify=lambda text, ref: len(text) % 2 == 0)
+    torch.manual_seed(rank)
+    grpo = GRPO(tiny_causal_lm(None, 16, 1, 2, data.tokenizer, seed=0), None,
+                GRPOParams(group_size=3, max_new_tokens=4, scale_rewards="batch"), parity.task_info(False))
+    batches = grpo.prepare_batches([parity.train.__getitems__([2 * rank + j]) for j in range(rank + 1)])
+    (out / f"grpo-rank{rank}.json").write_text(json.dumps(
+        [{k: b[k].tolist() for k in ("reward", "group", "advantages", "num_seqs")} for b in batches]))
 
 
 def launch_two(worker: str, *args: str) -> None:
@@ -224,3 +238,20 @@ def test_two_processes_equal_one_big_batch(ddp_runs, data, case, accum):
     if case == "taid":  # t's update uses the all-process token mean: the big batch's loss, on both ranks
         for r in ranks:
             assert r["taid_prev_loss"] == pytest.approx(big["taid_prev_loss"], rel=1e-6)
+
+
+def test_two_processes_policy_step_counts(ddp_runs):
+    ranks = [json.loads((ddp_runs / f"grpo-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [len(r) for r in ranks] == [1, 2]  # micro-batches per rank
+    every = [x for r in ranks for b in r for x in b["reward"]]
+    assert len(every) == 9 and statistics.stdev(every) > 0
+    std = statistics.stdev(every)
+    for r in ranks:
+        for b in r:
+            assert b["num_seqs"] == 9.0  # all ranks' sequences
+            for i, g in enumerate(b["group"]):
+                members = [x for x, h in zip(b["reward"], b["group"]) if h == g]
+                expect = (b["reward"][i] - statistics.fmean(members)) / (std + 1e-4)
+                assert math.isclose(b["advantages"][i], expect, rel_tol=1e-6, abs_tol=1e-7)
+    # rank 1's own std differs: the scaling used the global one
+    assert abs(statistics.stdev([x for b in ranks[1] for x in b["reward"]]) - std) > 1e-3

@@ -13,6 +13,7 @@ from distill.core.recipe import RecipeError, recipe_from_dict
 from distill.core.runner import run_recipe
 from distill.lm.cache import TeacherCache, write_cache
 from distill.lm.methods.lm_first import (LMFIRST, LMFIRSTParams, first_token_loss, first_token_targets, fit_token_calibration,
+                                         fused_first_token_loss,
                                  teacher_topk_on, token_calibration_ece)
 from distill.lm.losses import token_divergence
 from distill.lm.data.tasks import ArithmeticParams, build_arithmetic
@@ -33,8 +34,9 @@ def _data(seed: int = 0):
     return s, z, labels
 
 
-def _direct(s, z, labels, k, tau, scaling, num_items=None):
-    """Written from S03's definition, position by position in float64 (autograd through s)."""
+def _direct(s, z, labels, k, tau, scaling, num_items=None, student_norm="topk"):
+    """Written from S03's definition (official distill.py l. 268-293), position by position in float64
+    (autograd through s); the student is renormalised over the top-k as the target, at τ_s = 1."""
     total, n = 0.0, 0
     for b in range(B):
         for i in range(T - 1):
@@ -45,6 +47,9 @@ def _direct(s, z, labels, k, tau, scaling, num_items=None):
             x = top[:k] if scaling == "probs" else top[:k].log()
             q = torch.softmax(x / tau, 0)
             log_s = torch.log_softmax(s[b, i], 0)[ids[:k]]
+            if student_norm == "topk":
+                y = log_s.exp() if scaling == "probs" else log_s
+                log_s = y - torch.log(torch.exp(y).sum())
             total = total + (q * (q.log() - log_s)).sum()
             n += 1
     return total / (n if num_items is None else num_items)
@@ -75,20 +80,42 @@ def test_targets_by_hand_and_as_the_classifier_first():
         first_token_targets(lp, 0.0)
 
 
+@pytest.mark.parametrize("student_norm", ["topk", "full"])
 @pytest.mark.parametrize("scaling", ["probs", "logprobs"])
 @pytest.mark.parametrize("k,tau", [(3, 0.2), (5, 1.0), (2, 3.0)])
-def test_loss_matches_direct_formula(scaling, k, tau):
+def test_loss_matches_direct_formula(scaling, k, tau, student_norm):
     s, z, labels = _data(1)
     ids, lp = _topk(z, k)
     for num_items in (None, 13.0):
         sg = s.clone().requires_grad_()
-        got = first_token_loss(sg, ids, lp, labels, tau, scaling, num_items)
+        got = first_token_loss(sg, ids, lp, labels, tau, scaling, num_items, student_norm)
         sd = s.clone().requires_grad_()
-        ref = _direct(sd, z, labels, k, tau, scaling, num_items)
+        ref = _direct(sd, z, labels, k, tau, scaling, num_items, student_norm)
         assert got.item() == pytest.approx(ref.item(), rel=1e-10)
         (g1,) = torch.autograd.grad(got, sg)
         (g2,) = torch.autograd.grad(ref, sd)
         torch.testing.assert_close(g1, g2, rtol=1e-8, atol=1e-12)
+
+
+def test_default_student_norm_is_the_official_top_k_renormalisation():
+    s, z, labels = _data(3)
+    ids, lp = _topk(z, 5)
+    official = _direct(s, z, labels, 5, 1.0, "probs", None, "topk").item()
+    ours = _direct(s, z, labels, 5, 1.0, "probs", None, "full").item()
+    assert ours > 10 * official  # the two normalisations are far apart
+    assert first_token_loss(s, ids, lp, labels, 1.0).item() == pytest.approx(official, rel=1e-10)
+    assert LMFIRSTParams().student_norm == "topk"
+    # fused, chunked: same value and gradients as the unfused loss, for both normalisations
+    g = torch.Generator().manual_seed(9)
+    h, w = torch.randn(B, T, 4, generator=g, dtype=torch.float64), torch.randn(V, 4, generator=g, dtype=torch.float64)
+    for norm in ("topk", "full"):
+        h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+        h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+        ref = first_token_loss(h1 @ w1.T, ids, lp, labels, 0.5, "probs", 7.0, norm)
+        got = fused_first_token_loss(h2, w2, ids, lp, labels, 0.5, "probs", 7.0, norm, chunk_size=4)
+        assert got.item() == pytest.approx(ref.item(), rel=1e-10)
+        for a, b in zip(torch.autograd.grad(ref, (h1, w1)), torch.autograd.grad(got, (h2, w2))):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
 
 
 def test_k_equal_vocab_and_temperature_one_is_forward_kl():
@@ -210,6 +237,13 @@ def test_method_fits_tau_on_val_and_trains_on_it(data, teacher):
     # fused: the same loss without the full logits
     fused = LMFIRST(_student(data), teacher, LMFIRSTParams(top_k=4, fused=True, chunk_size=5), data.task_info(False))
     assert fused.training_step(batch).losses["student"].item() == pytest.approx(ref.item(), rel=1e-5)
+    # student_norm reaches the loss, fused or not
+    full = first_token_loss(s, ids, tlp, batch["labels"], tau, "probs", None, "full")
+    assert abs(full.item() - ref.item()) > 0.1 * ref.item()
+    for fz in (False, True):
+        d2 = LMFIRST(_student(data), teacher, LMFIRSTParams(top_k=4, student_norm="full", fused=fz, chunk_size=5),
+                     data.task_info(False))
+        assert d2.training_step(batch).losses["student"].item() == pytest.approx(full.item(), rel=1e-5)
 
 
 def test_method_at_k_equal_vocab_and_tau_one_is_lm_forward_kl(data, teacher):
@@ -228,12 +262,15 @@ def test_method_from_a_teacher_cache(tmp_path, data, teacher):
                                           teacher_id="tiny", progress=False), data)
     info = data.task_info(False)
     info.teacher_cache = cache
-    d = LMFIRST(_student(data), None, LMFIRSTParams(top_k=4, calibration_temperature=0.3), info)
-    live = LMFIRST(_student(data), teacher, LMFIRSTParams(top_k=4, calibration_temperature=0.3), data.task_info(False))
     batch = data.train.__getitems__([5, 0, 7])
-    # the cache's first 4 of 6 entries are the live top-4, rounded to float16
-    assert d.training_step(batch).losses["student"].item() == pytest.approx(
-        live.training_step(batch).losses["student"].item(), rel=2e-3)
+    # the cache's first 4 of 6 entries are the live top-4, rounded to float16 (the official top-k
+    # loss is ~1e-5 here, so its float16 rounding error is relatively larger)
+    for norm, rel in (("full", 2e-3), ("topk", 1e-2)):
+        p = LMFIRSTParams(top_k=4, calibration_temperature=0.3, student_norm=norm)
+        d = LMFIRST(_student(data), None, p, info)
+        live = LMFIRST(_student(data), teacher, p, data.task_info(False))
+        assert d.training_step(batch).losses["student"].item() == pytest.approx(
+            live.training_step(batch).losses["student"].item(), rel=rel)
     with pytest.raises(RecipeError, match="calibration_temperature"):
         LMFIRST(_student(data), None, LMFIRSTParams(top_k=4), info)
     with pytest.raises(RecipeError, match="cache's k"):

@@ -1,8 +1,9 @@
-"""The policy-gradient machinery (``distill.lm.policy``) and ``grpo``, ``gopd`` (S18), ``rlad`` (S01): group
-advantages, clipping and the k3 KL on hand-built numbers; the token mean over the optimizer step; sampled
-batches against a fresh forward pass; each method's loss and gradient against an independently written
-loop; the special cases (``rlad`` at α = 0 is ``grpo``, ``gopd`` at λ = 1 is on-policy reverse-KL
-distillation); rollout reuse (μ > 1) and its checkpoint; tiny end-to-end runs from recipes."""
+"""The policy-gradient machinery (``distill.lm.policy``) and ``grpo``, ``gopd`` (S18): group advantages,
+clipping and the k3 KL on hand-built numbers; the token mean over the optimizer step; sampled batches
+against a fresh forward pass; each method's loss and gradient against an independently written loop; the
+special case ``gopd`` at λ = 1 (on-policy reverse-KL distillation); rollout reuse (μ > 1) and its
+checkpoint; tiny end-to-end runs from recipes. (``rlad``'s own tests: ``test_lm_rlad.py``; TRL's loss
+types and reward scaling: ``test_lm_grpo_loss_types.py``.)"""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from distill.lm.policy import (
     sample_groups,
     verifier_rewards,
 )
-from distill.lm.methods.rlad import RLAD, RLADParams, mixture_logprobs
+from distill.lm.methods.rlad import RLAD, RLADParams
 from distill.lm.data.tasks import ArithmeticParams, build_arithmetic
 from distill.lm.data.text import IGNORE_INDEX, tiny_causal_lm
 
@@ -102,7 +103,7 @@ def test_group_advantages_by_hand():
     groups = torch.tensor([7, 2, 7, 2, 2, 7, 3, 3, 9])  # any ids, interleaved; 3: equal rewards; 9: alone
     got = group_advantages(rewards, groups)
     pop = group_advantages(rewards, groups, unbiased=False)
-    raw = group_advantages(rewards, groups, scale=False)
+    raw = group_advantages(rewards, groups, scale="none")
     for i, g in enumerate(groups.tolist()):
         members = [float(r) for r, h in zip(rewards, groups.tolist()) if h == g]
         mean = statistics.fmean(members)
@@ -273,13 +274,15 @@ def test_grpo_loss_and_gradient_against_a_direct_loop(parity):
     assert method.ref is not None and all(not p.requires_grad for p in method.ref.parameters())
 
 
-def test_grpo_micro_batches_sum_to_the_big_batch(parity):
-    """The engine's reduction: a sampled step split into two micro-batches (same rows) gives the loss and
-    the gradient of the single batch."""
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
+def test_grpo_micro_batches_sum_to_the_big_batch(parity, loss_type):
+    """The engine's reduction: a sampled step split into two uneven micro-batches (same rows, the step's
+    ``num_items`` and ``num_seqs``) gives the loss and the gradient of the single batch."""
     tok = parity.tokenizer
     student = _lm(tok, 0)
-    method = GRPO(student, None, GRPOParams(max_new_tokens=MAX_NEW), parity.task_info(False))
+    method = GRPO(student, None, GRPOParams(max_new_tokens=MAX_NEW, loss_type=loss_type), parity.task_info(False))
     (big,) = _prepare(method, parity, [[1, 4, 6, 8]])
+    assert float(big["num_seqs"]) == 16
     whole = method.training_step(big)
     whole.losses["student"].backward()
     g_whole = _grads(student)
@@ -290,75 +293,6 @@ def test_grpo_micro_batches_sum_to_the_big_batch(parity):
     sum(s.losses["student"] for s in steps).backward()
     torch.testing.assert_close(sum(s.losses["student"] for s in steps), whole.losses["student"])
     _assert_grads_close(g_whole, _grads(student), rtol=1e-5)
-
-
-# ---------------------------------------------------------------------------------------------- rlad
-
-
-def test_mixture_logprobs_by_hand():
-    t = torch.tensor([-0.2, -3.0, -1.0])
-    o = torch.tensor([-1.5, -0.1, -1.0])
-    for a in (0.25, 0.7):
-        prob = mixture_logprobs(t, o, a, "prob")
-        geo = mixture_logprobs(t, o, a, "log")
-        for j in range(3):
-            pt, po = math.exp(float(t[j])), math.exp(float(o[j]))
-            assert math.isclose(float(prob[j]), math.log(a * pt + (1 - a) * po), rel_tol=1e-6)
-            assert math.isclose(float(geo[j]), a * float(t[j]) + (1 - a) * float(o[j]), rel_tol=1e-6)
-    assert mixture_logprobs(t, o, 0.0) is o and mixture_logprobs(t, o, 1.0, "log") is t
-
-
-@pytest.mark.parametrize("extra", [{}, {"kl_coef": 0.2, "num_iterations": 2}])
-def test_rlad_alpha0_is_grpo(parity, extra):
-    tok = parity.tokenizer
-    kw = dict(group_size=3, max_new_tokens=MAX_NEW, **extra)
-    s1, s2 = _lm(tok, 0), _lm(tok, 0)
-    grpo = GRPO(s1, None, GRPOParams(**kw), parity.task_info(False))
-    rlad = RLAD(s2, _lm(tok, 1), RLADParams(alpha=0.0, **kw), parity.task_info(False))
-    gb = _prepare(grpo, parity, [[0, 2], [4, 6]], seed=3)
-    rb = _prepare(rlad, parity, [[0, 2], [4, 6]], seed=3)
-    for g, r in zip(gb, rb):
-        assert g.keys() == r.keys()  # no teacher pass at α = 0
-        for k in g:
-            assert torch.equal(g[k], r[k]), k  # the same rollouts, rewards and advantages
-        sg, sr = grpo.training_step(g), rlad.training_step(r)
-        assert torch.equal(sg.losses["student"], sr.losses["student"])
-        sg.losses["student"].backward()
-        sr.losses["student"].backward()
-        assert float(sr.metrics["anchor_gap"]) == 0.0
-    ga, gr = _grads(s1), _grads(s2)
-    assert ga.keys() == gr.keys() and all(torch.equal(ga[k], gr[k]) for k in ga)
-
-
-@pytest.mark.parametrize("mixture", ["prob", "log"])
-def test_rlad_loss_and_gradient_against_a_direct_loop(parity, mixture):
-    tok = parity.tokenizer
-    student, teacher = _lm(tok, 0), _lm(tok, 1)
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.mul_(4.0)  # a confident teacher: anchors far from π_old, so some ratios leave [0.8, 1.2]
-    method = RLAD(student, teacher, RLADParams(alpha=0.6, mixture=mixture, group_size=4, max_new_tokens=MAX_NEW),
-                  parity.task_info(False))
-    batches = _prepare(method, parity, [[1, 2, 3]], seed=5)
-    (b,) = batches
-    step = method.training_step(b)
-    step.losses["student"].backward()
-    grads = _grads(student)
-    n, expect, clipped, count = float(b["num_items"]), 0.0, 0, 0
-    teacher_rows = _row_logprobs(teacher, b)
-    for r, (lp, lt) in enumerate(zip(_row_logprobs(student, b), teacher_rows)):
-        a = float(b["advantages"][r])
-        old = lp.detach()
-        mix = (torch.logaddexp(lt + math.log(0.6), old + math.log(0.4)) if mixture == "prob"
-               else 0.6 * lt + 0.4 * old).detach()
-        rho = torch.exp(lp - mix)
-        expect = expect - torch.minimum(rho * a, rho.clamp(0.8, 1.2) * a).sum() / n
-        clipped += int((((rho < 0.8) & (a < 0)) | ((rho > 1.2) & (a > 0))).sum())
-        count += len(lp)
-    torch.testing.assert_close(step.losses["student"].double(), expect.detach(), rtol=1e-5, atol=1e-7)
-    assert clipped > 0 and math.isclose(float(step.metrics["clip_frac"]), clipped / count, rel_tol=1e-6)
-    expect.backward()
-    _assert_grads_close(grads, _grads(student))
 
 
 # ---------------------------------------------------------------------------------------------- gopd
@@ -494,9 +428,10 @@ def _rl_recipe(name: str, method: dict, **train) -> dict:
 @pytest.mark.slow
 def test_each_method_end_to_end(tmp_runs):
     runs = {m["name"] + str(m.get("lmbda", "")): run_recipe(recipe_from_dict(_rl_recipe(f"tiny-{i}", m)), out=tmp_runs)
-            for i, m in enumerate([{"name": "grpo", "group_size": 2, "kl_coef": 0.05},
+            for i, m in enumerate([{"name": "grpo", "group_size": 2, "kl_coef": 0.05, "loss_type": "dr_grpo",
+                                    "scale_rewards": "batch"},
                                    {"name": "gopd", "lmbda": 1.25},
-                                   {"name": "rlad", "group_size": 2, "num_iterations": 2}])}
+                                   {"name": "rlad", "group_size": 2, "num_iterations": 2, "loss_type": "grpo"}])}
     for key, res in runs.items():
         m = json.loads((res.run_dir / "metrics.json").read_text())
         assert 0.0 <= m["test/exact_match"] <= 1.0 and (res.run_dir / "student" / "config.json").is_file()

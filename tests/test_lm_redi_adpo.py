@@ -38,10 +38,11 @@ def _model(tok, seed: int, scale: float = 1.0):
     return m
 
 
-def _seq_logp(model, prompt: list[int], completion: list[int]):
-    """``Σ_j log p(c_j | prompt, c_<j)`` from one unpadded forward pass (differentiable)."""
+def _seq_logp(model, prompt: list[int], completion: list[int], temperature: float = 1.0):
+    """``Σ_j log p(c_j | prompt, c_<j)`` at ``temperature`` (of logits / T) from one unpadded forward pass
+    (differentiable)."""
     logits = model(input_ids=torch.tensor([prompt + completion])).logits[0].double()
-    lp = torch.log_softmax(logits, -1)
+    lp = torch.log_softmax(logits / temperature, -1)
     return sum(lp[len(prompt) - 1 + j, t] for j, t in enumerate(completion))
 
 
@@ -70,6 +71,11 @@ def test_redi_loss_against_direct_formula():
     # α = 0: the negatives play no part
     assert math.isclose(float(redi_loss(pos, plen, neg * 5, nlen, 0.0)), sum(-p / a for p, a in zip(
         pos.tolist(), plen.tolist())) / 3, rel_tol=1e-6)
+
+
+def test_redi_defaults_are_the_papers():
+    """The paper's recommended asymmetric weight α = 0.8 (the official recipe's ``reinforce_rejected_coef``)."""
+    assert REDIParams().alpha == 0.8
 
 
 def _redi(data, alpha: float, **kw) -> REDI:
@@ -125,7 +131,7 @@ def test_redi_alpha0_is_not_token_level_sft(data):
     """Length normalisation: per sequence mean, then mean over sequences (differs from a token mean)."""
     method = _redi(data, 0.0, stage1_steps=0)
     (b,) = _with_items(method, method.prepare_batches([data.train.__getitems__([0, 2, 3])]))
-    loss = float(method.training_step(b).losses["student"])
+    loss = float(method.training_step(b).losses["student"].detach())
     rows = [(i, method.positives[i][0]) for i in (0, 2, 3)]
     lps = [float(_seq_logp(method.student, data.train.prompts[i], c)) for i, c in rows]
     assert math.isclose(loss, sum(-lp / len(c) for lp, (_, c) in zip(lps, rows)) / 3, rel_tol=1e-5)
@@ -145,7 +151,7 @@ def test_redi_stage1_is_sft_on_all_positives_then_stage2(data):
         n = len(p) + len(c)
         assert b["input_ids"][r, :n].tolist() == p + c
         assert b["labels"][r].tolist() == [IGNORE_INDEX] * len(p) + c + [IGNORE_INDEX] * (b["labels"].shape[1] - n)
-    loss = float(method.training_step(b).losses["student"])
+    loss = float(method.training_step(b).losses["student"].detach())
     nll = -sum(float(_seq_logp(method.student, data.train.prompts[i], c)) for i, c in rows)
     assert math.isclose(loss, nll / sum(len(c) for _, c in rows), rel_tol=1e-5)  # token-mean SFT
     method.on_optimizer_step()
@@ -251,12 +257,17 @@ def test_adpo_on_policy_anchor_gradient_is_reinforce():
 
 def test_adpo_targets():
     r = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 1.0]])
-    q = reward_target(r, temperature=0.5)
+    q = reward_target(r, beta_reward=0.5)
     for row, qrow in zip(r.tolist(), q.tolist()):
         mean = sum(row) / 3
         std = math.sqrt(sum((x - mean) ** 2 for x in row) / 2)  # unbiased
         expect = _softmax([(x - mean) / (std + 1e-4) / 0.5 for x in row])
         assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(qrow, expect))
+    # the official default (ADPOConfig.beta_reward 0.5): one right of three gives q ≈ (0.948, 0.026, 0.026)
+    q0 = reward_target(torch.tensor([[1.0, 0.0, 0.0]]))[0].tolist()
+    a_hi, a_lo = (1 - 1 / 3) / (math.sqrt(1 / 3) + 1e-4), (0 - 1 / 3) / (math.sqrt(1 / 3) + 1e-4)
+    z = math.exp(2 * a_hi) + 2 * math.exp(2 * a_lo)
+    assert q0 == pytest.approx([math.exp(2 * a_hi) / z] + [math.exp(2 * a_lo) / z] * 2, rel=1e-5)
     torch.testing.assert_close(best_target(r), torch.tensor([[1.0, 0, 0], [1 / 3, 1 / 3, 1 / 3], [0, 0.5, 0.5]]))
 
 
@@ -321,8 +332,8 @@ def test_adpo_method_dpo_case(data):
 
 def test_adpo_method_kd_case(data):
     """``target: teacher``, ``anchor: none``, τ = 1: forward KL from the teacher to the student, both
-    renormalised on each prompt's list."""
-    method = _adpo(data, num_samples=3, target="teacher", anchor="none")
+    renormalised on each prompt's list, both at the sampling temperature (1.4 here)."""
+    method = _adpo(data, num_samples=3, target="teacher", anchor="none", temperature=1.4)
     rows = [(i, c) for i in (2, 5) for c in (_completion(data, i), _completion(data, i)[2:], _completion(data, 7))]
     b = _hand_batch(data, rows, [0.0] * 6, 3)
     loss = method.training_step(b).losses["student"]
@@ -330,10 +341,80 @@ def test_adpo_method_kd_case(data):
     with torch.no_grad():
         for g in range(2):
             group = rows[3 * g : 3 * g + 3]
-            pt = _softmax([float(_seq_logp(method.teacher, data.train.prompts[i], c)) for i, c in group])
-            ps = _softmax([float(_seq_logp(method.student, data.train.prompts[i], c)) for i, c in group])
+            pt = _softmax([float(_seq_logp(method.teacher, data.train.prompts[i], c, 1.4)) for i, c in group])
+            ps = _softmax([float(_seq_logp(method.student, data.train.prompts[i], c, 1.4)) for i, c in group])
             expect += sum(a * math.log(a / s) for a, s in zip(pt, ps))
     assert math.isclose(float(loss), expect / 2, rel_tol=1e-4)
+
+
+def test_adpo_defaults_are_the_official_trainers():
+    """``wk222/TRL-ADPO``: ADPOConfig.beta_reward 0.5, tau 1.0, GRPOConfig.temperature 1.0, on-policy anchor."""
+    p = ADPOParams()
+    assert (p.beta_reward, p.tau, p.temperature, p.anchor, p.target) == (0.5, 1.0, 1.0, "on_policy", "reward")
+
+
+def _group_q(rewards: list[float], beta: float) -> list[float]:
+    """The official q: softmax of (r − mean)/(unbiased std + 1e-4) / beta_reward, by hand."""
+    mean = sum(rewards) / len(rewards)
+    std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / (len(rewards) - 1))
+    return _softmax([(x - mean) / (std + 1e-4) / beta for x in rewards])
+
+
+def test_adpo_method_reward_target_fixed_anchor_at_the_sampling_temperature(data):
+    """K = 3 per prompt, q from rewards at the default beta_reward 0.5, the fixed anchor, τ = 0.7, sampling
+    temperature 1.5: the step's value and gradient equal ``Σ_g Σ_i q_i log(q_i / p_i) / G`` with
+    ``p = softmax((ℓ − ℓ^ref)/τ)`` and every ℓ a sum of log_softmax(logits / 1.5), written out per sequence."""
+    T, tau = 1.5, 0.7
+    method = _adpo(data, num_samples=3, anchor="fixed", tau=tau, temperature=T)
+    reference = copy.deepcopy(method.student)
+    with torch.no_grad():  # move the student away from its anchor
+        for p in method.student.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    c0, c5 = _completion(data, 0), _completion(data, 5)
+    rows = [(0, c0), (0, c0[1:]), (0, c0[::-1]), (5, c5[2:]), (5, c5), (5, _completion(data, 7))]
+    rewards = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    b = _hand_batch(data, rows, rewards, 3)
+    b["num_items"] = torch.tensor(2.0)
+    method.student.zero_grad()
+    step = method.training_step(b)
+    step.losses["student"].backward()
+    got = _grads(method.student)
+    method.student.zero_grad()
+    expect = 0.0
+    for g in range(2):
+        group = rows[3 * g : 3 * g + 3]
+        q = _group_q(rewards[3 * g : 3 * g + 3], 0.5)
+        u = [(_seq_logp(method.student, data.train.prompts[i], c, T)
+              - _seq_logp(reference, data.train.prompts[i], c, T).detach()) / tau for i, c in group]
+        log_z = torch.logsumexp(torch.stack(u), 0)
+        expect = expect + sum(qi * (math.log(qi) - (ui - log_z)) for qi, ui in zip(q, u)) / 2
+    assert math.isclose(float(step.losses["student"]), float(expect.detach()), rel_tol=1e-4)
+    expect.backward()
+    for a, e in zip(got, _grads(method.student)):
+        torch.testing.assert_close(a.double(), e.double(), rtol=1e-3, atol=1e-6)
+
+
+def test_adpo_default_on_policy_step_is_reinforce_with_the_official_q(data):
+    """The default configuration (on-policy anchor, beta_reward 0.5) at temperature 1.3 and τ = 2: value
+    ``KL(q ‖ uniform)`` per prompt and gradient ``Σ_i (1/K − q_i)/τ · ∇ℓ_i / G``, ℓ at logits / 1.3."""
+    T, tau = 1.3, 2.0
+    method = _adpo(data, num_samples=3, tau=tau, temperature=T)
+    c2 = _completion(data, 2)
+    rows = [(2, c2), (2, c2[1:]), (2, c2[::-1])]
+    rewards = [0.0, 1.0, 0.0]
+    b = _hand_batch(data, rows, rewards, 3)
+    method.student.zero_grad()
+    step = method.training_step(b)
+    step.losses["student"].backward()
+    got = _grads(method.student)
+    method.student.zero_grad()
+    q = _group_q(rewards, 0.5)
+    assert math.isclose(float(step.losses["student"]), sum(x * math.log(3 * x) for x in q), rel_tol=1e-5)
+    surrogate = sum((1 / 3 - qi) / tau * _seq_logp(method.student, data.train.prompts[i], c, T)
+                    for qi, (i, c) in zip(q, rows))
+    surrogate.backward()
+    for a, e in zip(got, _grads(method.student)):
+        torch.testing.assert_close(a.double(), e.double(), rtol=1e-3, atol=1e-6)
 
 
 def test_adpo_ema_anchor_update(data):

@@ -15,16 +15,27 @@ with more steps than that gets ``train.max_steps``; one with fewer gets more epo
 ``train.max_steps`` where the last epoch is cut); an entry that already has it is left as it is.
 Without ``steps`` each entry trains as its recipe says; the leaderboard states the steps either way.
 
+``tune`` (optional, per entry) chooses hyper-parameters on the validation split, never on test::
+
+      - {recipe: arithmetic-grpo, label: grpo, tune: {train.lr: [3.0e-5, 1.0e-4, 3.0e-4]}}
+
+Every combination of the listed values trains on seed 0 (runs ``<label>-tune<i>-s0``); the one with the
+best validation score at the end of training (``val/exact_match`` for language models,
+``val/accuracy`` for classifiers; the first listed wins a tie) is then run for seeds 1, 2, ... (its
+tuning run is seed 0), and the leaderboard lists what was tried, the scores and the choice.
+
 Seeds: seed ``s`` sets the student recipe's ``seed`` (initialisation, data order, the method's own
-randomness). A teacher (or init) recipe keeps its own seed: it is trained once, into
-``<teachers>/_teachers/<name>-<fingerprint>``, and shared by every seed and entry, so the spread over
-seeds is the student's. ``teachers`` defaults to ``runs`` (the teachers ``distill run`` trains) when
+randomness). A teacher (or init) recipe keeps its own seed, unless the reference says ``seed: same``
+(then seed ``s`` starts from the init trained with seed ``s``): it is trained once, into
+``<teachers>/_teachers/<name>-<fingerprint>``, and shared by every seed and entry that names it. An entry
+whose recipe and seed were already trained there (the start of the others) reuses that run. ``teachers`` defaults to ``runs`` (the teachers ``distill run`` trains) when
 no ``out`` is given, else to ``out``. Finished runs with an identical resolved recipe are reused.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -40,10 +51,11 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from distill.core import report
-from distill.core.recipe import Recipe, Strict, load_recipe
+from distill.core.recipe import Recipe, Strict, apply_overrides, load_recipe, recipe_from_dict
 from distill.core.registry import METHODS
 from distill.core.rundir import check_run_name
-from distill.core.runner import RunResult, build_task, run_recipe, task_ops
+from distill.core.refs import trained_folder
+from distill.core.runner import RunResult, build_task, finished_run, run_recipe, task_ops
 from distill.core.trainer import EpochBatches
 from distill.errors import MissingFileError, RecipeError, did_you_mean
 
@@ -102,6 +114,16 @@ class Entry(Strict):
     recipe: str
     label: str | None = None
     set: list[str] = Field(default_factory=list)
+    tune: dict[str, list[Any]] = Field(
+        default_factory=dict, description="recipe key -> values to try on seed 0; the best on validation is run")
+
+    @field_validator("tune")
+    @classmethod
+    def _tune(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in v.items():
+            if not values:
+                raise ValueError(f"'{key}': give at least one value")
+        return v
 
 
 class Suite(Strict):
@@ -111,6 +133,9 @@ class Suite(Strict):
     steps: int | Literal["first"] | None = Field(
         None, description="optimizer steps of every entry: a number, or 'first' (the first entry's); "
         "absent: each entry's recipe decides")
+    baseline: str | None = Field(
+        None, description="label of the control entry: the leaderboard adds each entry's difference to it "
+        "on the same seed (paired), mean ± std over seeds")
     recipes: list[Entry | str]
 
     @field_validator("steps")
@@ -143,11 +168,38 @@ def load_suite(ref: str) -> tuple[Suite, Path]:
         raise RecipeError(f"suite {path}: key '{'.'.join(map(str, e['loc']))}': {e['msg']}") from None
 
 
+VAL_KEYS = ("val/exact_match", "val/accuracy")  # what `tune` selects on: the task kind's validation score
+
+
+def val_score(res: RunResult) -> float:
+    """A run's validation score at the end of training (the last evaluation in its history)."""
+    for key in VAL_KEYS:
+        vals = [h[key] for h in res.history if key in h]
+        if key in res.metrics or vals:
+            return float(res.metrics.get(key, vals[-1] if vals else 0.0))
+    raise RecipeError(f"run {res.run_dir}: no validation score ({' or '.join(VAL_KEYS)}) to tune on; "
+                      "set train.eval_every")
+
+
+def tune_grid(tune: dict[str, list[Any]]) -> list[list[str]]:
+    """Every combination of ``tune``'s values as ``--set`` overrides, in the order listed."""
+    if not tune:
+        return []
+    keys = list(tune)
+    return [[f"{k}={json.dumps(v)}" for k, v in zip(keys, combo)] for combo in itertools.product(*tune.values())]
+
+
+def with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
+    return recipe_from_dict(apply_overrides(recipe.model_dump(mode="json", exclude={"base_dir"}), overrides),
+                            base_dir=recipe.base_dir)
+
+
 @dataclass
 class Row:
     label: str
     method: str
     runs: list[RunResult]
+    tuned: str = ""  # what `tune` tried and chose (validation scores), for the leaderboard
 
     def stat(self, key: str) -> tuple[float, float | None] | None:
         """Mean and standard deviation over seeds; the deviation is None with one seed (no spread)."""
@@ -238,33 +290,74 @@ def run_suite(
                               f"('{folder}-s0', ...); give the entries distinct labels")
         check_run_name(f"{folder}-s0", f"suite {suite.name}: label '{label}' gives the run name")
         folders[folder] = label
+    if suite.baseline is not None and suite.baseline not in [label for label, _ in recipes]:
+        raise RecipeError(f"suite {suite.name}: baseline '{suite.baseline}' is not an entry's label"
+                          f"{did_you_mean(suite.baseline, [label for label, _ in recipes])}")
     if suite.steps is not None:
         recipes, _ = equal_steps(suite, entries, recipes, base, overrides)
+    grids = [tune_grid(e.tune) for e in entries]
+    for grid, (label, r) in zip(grids, recipes):
+        for sets in grid:
+            with_overrides(r, sets)  # every tried value is valid before anything trains
     rows = []
-    for label, r in recipes:
+    for grid, (label, r) in zip(grids, recipes):
+        tuned = ""
+        if grid:
+            scores, results = [], []
+            for i, sets in enumerate(grid):
+                res = run_recipe(with_overrides(r, sets).model_copy(update={"seed": 0}), out=out,
+                                 name=f"{run_folder_name(label)}-tune{i}-s0", progress=progress, refs_out=teachers)
+                scores.append(val_score(res))
+                results.append(res)
+            best = max(range(len(grid)), key=lambda i: (scores[i], -i))
+            chosen = results[best]
+            r = with_overrides(r, grid[best])
+            tuned = f"{label}: " + ", ".join(f"{' '.join(sets)} → {100 * sc:.1f}" + (" (chosen)" if i == best else "")
+                                             for i, (sets, sc) in enumerate(zip(grid, scores)))
         runs = []
         for seed in range(n_seeds):
             rs = r.model_copy(update={"seed": seed})
-            res = run_recipe(rs, out=out, name=f"{run_folder_name(label)}-s{seed}", progress=progress,
-                             refs_out=teachers)
+            if grid and seed == 0:
+                res = chosen  # the chosen value's tuning run is seed 0
+            elif (done := finished_run(trained_folder(teachers, rs), rs)) is not None:
+                res = done  # this very recipe and seed was trained as an init (e.g. the start of the others)
+            else:
+                res = run_recipe(rs, out=out, name=f"{run_folder_name(label)}-s{seed}", progress=progress,
+                                 refs_out=teachers)
             runs.append(res)
             if on_run:
                 on_run(label, seed, res)
-        rows.append(Row(label, r.method.name, runs))
+        rows.append(Row(label, r.method.name, runs, tuned))
     write_leaderboard(out, suite, rows, n_seeds)
     return rows, out
 
 
-def cell(row: Row, key: str) -> str:
-    """``mean ± std`` over seeds; the mean alone with one seed."""
-    s = row.stat(key)
+def paired(row: Row, base: Row, key: str) -> tuple[float, float | None] | None:
+    """``row`` minus ``base`` on the same seed, mean and standard deviation over seeds: the seed's own
+    start (data order, init) cancels, so a small effect shows where the raw spreads overlap."""
+    diffs = [r.metrics[key] - b.metrics[key] for r, b in zip(row.runs, base.runs) if key in r.metrics and key in b.metrics]
+    if not diffs:
+        return None
+    return statistics.fmean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else None)
+
+
+def fmt(key: str, s: tuple[float, float | None] | None, sign: bool = False) -> str:
     if s is None:
         return "–"
     digits = 1 if key.startswith("time/") else 4
     scale = 100 if key in PERCENT else 1
     digits = 2 if key in PERCENT else digits
-    mean = f"{scale * s[0]:.{digits}f}"
+    mean = f"{scale * s[0]:{'+' if sign else ''}.{digits}f}"
     return mean if s[1] is None else f"{mean} ± {scale * s[1]:.{digits}f}"
+
+
+def base_row(suite: Suite, rows: list[Row]) -> Row | None:
+    return next((row for row in rows if row.label == suite.baseline), None)
+
+
+def cell(row: Row, key: str) -> str:
+    """``mean ± std`` over seeds; the mean alone with one seed."""
+    return fmt(key, row.stat(key))
 
 
 def steps_line(suite: Suite, rows: list[Row]) -> str:
@@ -289,7 +382,10 @@ def teacher_metrics(rows: list[Row]) -> dict[str, float]:
 
 def leaderboard_markdown(suite: Suite, rows: list[Row], n_seeds: int) -> str:
     cols = columns(rows)
-    head = "| method | " + " | ".join(c[1] for c in cols) + " |"
+    base = base_row(suite, rows)
+    key = cols[0][0]
+    delta = [f"Δ {cols[0][1]} vs {base.label} (paired)"] if base else []
+    head = "| method | " + " | ".join([cols[0][1], *delta, *(c[1] for c in cols[1:])]) + " |"
     spread = "One seed (no spread)" if n_seeds == 1 else f"Mean ± std over {n_seeds} seeds"
     lines = [
         f"# Leaderboard: {suite.name}",
@@ -301,13 +397,21 @@ def leaderboard_markdown(suite: Suite, rows: list[Row], n_seeds: int) -> str:
         " Each teacher is trained once and shared by every seed: the seed varies the student only.",
         "",
         head,
-        "|" + "---|" * (len(cols) + 1),
+        "|" + "---|" * (len(cols) + 1 + len(delta)),
     ]
     for row in rows:
-        lines.append(f"| {row.label} | " + " | ".join(cell(row, c[0]) for c in cols) + " |")
+        d = [fmt(key, paired(row, base, key), sign=True)] if base else []
+        lines.append(f"| {row.label} | " + " | ".join([cell(row, key), *d, *(cell(row, c[0]) for c in cols[1:])]) + " |")
+    if base:
+        lines += ["", f"Δ: the entry minus `{base.label}` on the same seed (same start and data order), mean ± std "
+                  "over seeds; a difference whose spread does not cover 0 is one the seeds agree on."]
     t = teacher_metrics(rows)
     if t:
         lines += ["", profile(rows).teacher_line(t)]
+    tuned = [row.tuned for row in rows if row.tuned]
+    if tuned:
+        lines += ["", "Chosen on the validation split (seed 0, the validation score at the end of training, %):", ""]
+        lines += [f"- {t}" for t in tuned]
     lines += ["", "![test metrics](leaderboard.png)", "", "![validation curves](curves.png)", ""]
     return "\n".join(lines)
 
@@ -318,23 +422,40 @@ def write_leaderboard(out: Path, suite: Suite, rows: list[Row], n_seeds: int) ->
     with open(out / "leaderboard.csv", "w", newline="") as f:
         w = csv.writer(f)
         cols = columns(rows)
-        w.writerow(["method", "seeds", "steps"] + [f"{c[0]}_{s}" for c in cols for s in ("mean", "std")])
+        base = base_row(suite, rows)
+        w.writerow(["method", "seeds", "steps"] + [f"{c[0]}_{s}" for c in cols for s in ("mean", "std")]
+                   + ([f"delta_{cols[0][0]}_{s}" for s in ("mean", "std")] if base else []))
         for row in rows:
             steps = sorted(set(row.steps()))
             cells: list[Any] = [row.label, len(row.runs), steps[0] if len(steps) == 1 else statistics.fmean(row.steps())]
             for c in cols:
                 s = row.stat(c[0])
                 cells += [s[0], "" if s[1] is None else s[1]] if s else ["", ""]  # one seed: no std
+            if base:
+                d = paired(row, base, cols[0][0])
+                cells += [d[0], "" if d[1] is None else d[1]] if d else ["", ""]
             w.writerow(cells)
-    plot_leaderboard(out / "leaderboard.png", rows, teacher_metrics(rows))
+    plot_leaderboard(out / "leaderboard.png", rows, teacher_metrics(rows), base_row(suite, rows))
     plot_curves(out / "curves.png", rows)
 
 
-def plot_leaderboard(path: Path, rows: list[Row], teacher: dict[str, float]) -> None:
+def plot_leaderboard(path: Path, rows: list[Row], teacher: dict[str, float], base: Row | None = None) -> None:
     plt = report.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(max(11, 0.8 * len(rows) + 3), 4.2))
+    n = 3 if base else 2
+    fig, axes = plt.subplots(1, n, figsize=(max(5.5 * n, 0.8 * len(rows) * n / 2 + 3), 4.2))
     labels = [r.label for r in rows]
-    for ax, (key, title) in zip(axes, profile(rows).bars):
+    if base:  # the paired differences to the control, the figure people compare methods by
+        key = profile(rows).bars[0][0]
+        ds = [paired(r, base, key) for r in rows]
+        scale = 100 if key in PERCENT else 1
+        axes[2].bar(labels, [scale * d[0] if d else float("nan") for d in ds],
+                    yerr=[scale * (d[1] or 0.0) if d else 0.0 for d in ds], capsize=4, color="tab:green")
+        axes[2].axhline(0, color="black", lw=0.8)
+        axes[2].set_title(f"{profile(rows).bars[0][1]}: paired Δ vs {base.label}" + (" (points)" if scale == 100 else ""))
+        axes[2].tick_params(axis="x", rotation=35)
+        for t in axes[2].get_xticklabels():
+            t.set_horizontalalignment("right")
+    for ax, (key, title) in zip(axes[:2], profile(rows).bars):
         stats = [r.stat(key) for r in rows]
         have = [st for st in stats if st is not None]
         # a method without the metric (e.g. no teacher, so no KL to it) gets no bar, not a zero

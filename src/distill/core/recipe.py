@@ -176,10 +176,13 @@ class ModelRef(Strict):
     recipe: str | dict[str, Any] | None = None
     run: str | None = None
     model: str | None = None
+    seed: int | Literal["same"] | None = Field(
+        None, description="a recipe reference only: train it with this seed; 'same': the seed of the recipe "
+        "that holds the reference (a bench then starts each seed from its own init)")
 
     _core_kinds: ClassVar[tuple[str, ...]] = ("recipe", "run", "model")
     _teacher: ClassVar[bool] = False
-    _optional: ClassVar[tuple[str, ...]] = ("model",)
+    _optional: ClassVar[tuple[str, ...]] = ("model", "seed")
 
     @model_validator(mode="after")
     def _one(self) -> "ModelRef":
@@ -194,6 +197,8 @@ class ModelRef(Strict):
         given += [k for k, v in extra.items() if v is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of {', '.join(repr(k) for k in self.kinds())}; got {given or 'none'}")
+        if self.seed is not None and given != ["recipe"]:
+            raise ValueError(f"'seed' applies to a 'recipe' reference only, not to '{given[0]}'")
         return self
 
     @classmethod

@@ -71,8 +71,12 @@ def ref_recipe(recipe: Recipe, key: str = "teacher") -> Recipe | None:
     if ref is None or ref.recipe is None:
         return None
     if isinstance(ref.recipe, dict):
-        return recipe_from_dict(ref.recipe, base_dir=recipe.base_dir)
-    return load_recipe(ref.recipe, base_dir=recipe.base_dir)
+        r = recipe_from_dict(ref.recipe, base_dir=recipe.base_dir)
+    else:
+        r = load_recipe(ref.recipe, base_dir=recipe.base_dir)
+    if ref.seed is not None:
+        r = r.model_copy(update={"seed": recipe.seed if ref.seed == "same" else ref.seed})
+    return r
 
 
 def record_ref(recipe: Recipe, ref: ModelRef, key: str) -> dict[str, Any]:

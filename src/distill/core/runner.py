@@ -195,6 +195,12 @@ def _finished(final: Path, resolved: dict[str, Any], overwrite: bool) -> RunResu
     return RunResult(final, metrics, report.read_csv(final / "history.csv"))
 
 
+def finished_run(folder: Path, recipe: Recipe) -> RunResult | None:
+    """``folder`` as a result if it is a finished run of exactly ``recipe`` (same resolved recipe and
+    inputs), else None; a folder that exists with another recipe is an error, as for ``run_recipe``."""
+    return _finished(folder, resolved_recipe(recipe), False) if (folder / "metrics.json").is_file() else None
+
+
 def _prepare_partial(partial: Path, resolved: dict[str, Any], resume: bool, overwrite: bool,
                      fresh_ok: bool = False) -> bool:
     """The ``.partial`` folder to train in: resumed (same recipe, a checkpoint; returns True), or started

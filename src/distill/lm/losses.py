@@ -19,7 +19,7 @@ Divergences (``kind``), with teacher ``p`` and student ``q`` over the vocabulary
 
 - ``forward_kl``: ``KL(p ‖ q)``; ``reverse_kl``: ``KL(q ‖ p)``.
 - ``jsd``: generalized JSD in TRL's convention (GKD, Agarwal et al. 2024, Eq. 1;
-  ``trl GKDTrainer.generalized_jsd_loss``): ``m = β·p + (1−β)·q``,
+  ``GKDTrainer.generalized_jsd_loss`` in ``trl/experimental/gkd``, TRL v1.9.0): ``m = β·p + (1−β)·q``,
   ``JSD_β = β·KL(p ‖ m) + (1−β)·KL(q ‖ m)``; β = 0 is forward KL and β = 1 reverse KL (special-cased,
   as both terms vanish in the limit).
 - ``skew_forward_kl``: ``KL(p ‖ α·p + (1−α)·q)``; ``skew_reverse_kl``: ``KL(q ‖ (1−α)·p + α·q)`` with

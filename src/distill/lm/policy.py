@@ -2,8 +2,13 @@
 
 GRPO is DeepSeekMath's Group Relative Policy Optimization (Shao et al. 2024, arXiv 2402.03300, Eq. 3 with
 the KL estimator of Eq. 4 and the outcome-supervision advantage of §4.1.2), written with TRL's conventions
-(``trl.GRPOTrainer``, ``trl/trainer/grpo_trainer.py``, version 1.16). Conventions (``docs/conventions.md``,
-"Sequence and policy objectives"):
+(``trl.GRPOTrainer``, ``trl/trainer/grpo_trainer.py`` and ``grpo_config.py`` of TRL v1.9.0, commit
+``35def3ee``, 2026-07-21; the trainer is unchanged on main up to ``f2cd5771``, 2026-07-24). Its
+``GRPOConfig`` defaults, which ours follow: ``loss_type="dapo"``, ``scale_rewards="group"``, ``beta=0``
+(our ``kl_coef``), ``temperature=1``, ``epsilon=0.2`` (``epsilon_high`` = ``epsilon``),
+``num_iterations=1`` (ours: ``group_size`` 4, TRL's ``num_generations`` 8; the generation length is the
+task's, TRL's ``max_completion_length`` 256 in v1.9.0, 512 on main since 2026-07-23). Conventions
+(``docs/conventions.md``, "Sequence and policy objectives"):
 
 - **Samples.** ``G`` completions per prompt from :func:`distill.lm.rollout.rollout` (``num_samples=G``,
   full vocabulary at ``temperature``), collated right-padded with only the completion supervised; each
@@ -13,15 +18,24 @@ the KL estimator of Eq. 4 and the outcome-supervision advantage of §4.1.2), wri
   temperature (TRL divides the logits by it too), ``[N, seq-1]``: position ``i`` scores ``labels[:, i+1]``,
   masked positions hold 0. Every per-token tensor of a batch (``sample_logprobs``, ``old_logprobs``,
   ``ref_logprobs``, ``teacher_logprobs``, per-token advantages) has exactly these positions.
-- **Rewards** 1/0 from the task's verifier; **advantages** per sequence
-  ``(r − mean_group) / (std_group + 1e-4)`` with the *sample* standard deviation (Bessel's N − 1), as
-  TRL (``nanstd`` applies Bessel's correction; older TRL used ``tensor.std``, unbiased by default) and
-  verl (``torch.std``); a group of one has std 0 and advantage 0.
+- **Rewards** 1/0 from the task's verifier; **advantages** per sequence ``(r − mean_group) / (std + 1e-4)``
+  (:func:`group_advantages`) with TRL's ``scale_rewards``: ``std`` the group's (``"group"``, default), that
+  of all the step's rewards on all processes (``"batch"``; the mean stays the group's, as TRL), or no
+  division (``"none"``, Dr. GRPO). The std is the *sample* one (Bessel's N − 1), as TRL (``nanstd``
+  applies Bessel's correction; older TRL used ``tensor.std``, unbiased by default) and verl
+  (``torch.std``); a group of one has advantage 0.
 - **Objective** per token ``−min(ρ·A, clip(ρ, 1 − ε_low, 1 + ε_high)·A)`` with ``ρ = exp(log π − log π_anchor)``
-  (``anchor`` = the old policy for GRPO; RLAD anchors to a teacher mixture) plus ``β·k3`` with
-  ``k3 = exp(ref − log π) − (ref − log π) − 1`` (Eq. 4; TRL's ``per_token_kl``), summed over the completion
-  tokens of the whole optimizer step and divided by their count ``num_items`` (TRL's default
-  ``loss_type="dapo"``), so gradient accumulation and several processes equal one big batch.
+  (``anchor`` = the old policy for GRPO; RLAD's mixes in the teacher) plus ``β·k3`` with
+  ``k3 = exp(ref − log π) − (ref − log π) − 1`` (Eq. 4; TRL's ``per_token_kl``), reduced as TRL's
+  ``loss_type`` (:func:`reduce_policy_loss`): ``dapo`` (default) sums over the completion tokens of the
+  whole optimizer step and divides by their count ``num_items``; ``grpo`` averages each sequence's tokens,
+  then the sequences (Eq. 3's ``1/G Σ_i 1/|o_i| Σ_t``); ``dr_grpo`` divides the token sum by sequences ×
+  ``max_new_tokens``; ``bnpo`` is ``dapo`` here (below). The step's sequence count ``num_seqs`` (all
+  micro-batches and processes) plays ``num_items``'s part for ``grpo`` / ``dr_grpo``, so for every loss
+  type gradient accumulation and several processes equal one big batch. Deviations: TRL's ``grpo`` and
+  ``dr_grpo`` average the micro-batches (equal only when they have equal row counts, as TRL's always
+  do), and its ``bnpo`` divides each micro-batch by its own token count, so its value depends on the
+  accumulation and process split; its one-big-batch value is ``dapo``'s, which ours gives.
 - **Old policy.** With μ = ``num_iterations`` = 1 the old log-probs are the current ones detached (TRL
   does the same when it skips ``old_per_token_logps``), so ρ = 1 in value and the gradient is the plain
   policy gradient ``−A·∇log π``. With μ > 1 the rollouts of one step are reused for μ consecutive optimizer
@@ -42,7 +56,7 @@ import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -108,24 +122,60 @@ def verifier_rewards(texts: Sequence[str], references: Sequence[Any], verify: Ca
 # ----------------------------------------------------------------------------------------- advantages
 
 
+ScaleRewards = Literal["group", "batch", "none"]
+LossType = Literal["dapo", "grpo", "bnpo", "dr_grpo"]
+LOSS_TYPES: tuple[str, ...] = ("dapo", "grpo", "bnpo", "dr_grpo")
+
+
 def group_advantages(rewards: Tensor, groups: Tensor, *, eps: float = ADV_EPS, unbiased: bool = True,
-                     scale: bool = True) -> Tensor:
-    """GRPO's outcome advantages (DeepSeekMath §4.1.2): ``(r − mean_g) / (std_g + eps)`` per sequence over
-    the sequences that share a ``groups`` id (any ids, any order). ``unbiased`` (default, as TRL and verl):
-    the sample std (N − 1); ``False``: the population std. ``scale=False`` keeps ``r − mean_g`` (Dr. GRPO,
-    TRL's ``scale_rewards="none"``). A group of one gets 0. ``rewards``, ``groups``: ``[N]``."""
+                     scale: ScaleRewards | bool = "group", batch_std: Tensor | float | None = None) -> Tensor:
+    """GRPO's outcome advantages (DeepSeekMath §4.1.2): ``(r − mean_g) / (std + eps)`` per sequence, the mean
+    over the sequences that share a ``groups`` id (any ids, any order). ``scale`` is TRL's ``scale_rewards``:
+    ``"group"`` (default; ``True``) divides by the group's std, ``"batch"`` by the std of all the step's
+    rewards (``batch_std``, the caller's step-wide value, else the std of ``rewards``), ``"none"``
+    (``False``; Dr. GRPO) keeps ``r − mean_g``. ``unbiased`` (default, as TRL's ``nanstd`` and verl): the
+    sample std (N − 1); ``False``: the population std. A group of one gets 0. ``rewards``, ``groups``: ``[N]``."""
     if rewards.shape != groups.shape or rewards.dim() != 1:
         raise ValueError(f"rewards {list(rewards.shape)} and groups {list(groups.shape)} must both be [N]")
+    scale = {True: "group", False: "none"}.get(scale, scale)  # type: ignore[arg-type]  # TRL's bool aliases
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"unknown reward scaling '{scale}'; use 'group', 'batch' or 'none'")
     _, inv, counts = torch.unique(groups, return_inverse=True, return_counts=True)
     r = rewards.to(torch.float64)  # exact group sums of 0/1 rewards; the result is cast back
     n = counts.to(r)
     mean = torch.zeros_like(n).index_add_(0, inv, r) / n
-    dev = r - mean[inv]
-    if not scale:
+    dev = r - mean[inv]  # exactly 0 in a group of one
+    if scale == "none":
         return dev.to(rewards.dtype)
+    if scale == "batch":
+        std = reward_std(r, unbiased=unbiased) if batch_std is None else torch.as_tensor(batch_std, dtype=r.dtype)
+        return (dev / (std.to(r.device) + eps)).to(rewards.dtype)
     ss = torch.zeros_like(n).index_add_(0, inv, dev * dev)
     std = (ss / ((n - 1).clamp(min=1) if unbiased else n)).sqrt()
     return (dev / (std[inv] + eps)).to(rewards.dtype)
+
+
+def _all_sum(t: Tensor) -> Tensor:
+    """``t`` summed over the processes of a ``torch.distributed`` run (itself in a single process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def reward_std(rewards: Tensor | Sequence[Tensor], *, unbiased: bool = True, all_processes: bool = False) -> Tensor:
+    """The std of all the given rewards (float64 scalar), e.g. the ``[N]`` tensors of a step's micro-batches
+    and, with ``all_processes`` in a ``torch.distributed`` run, of every process's (TRL gathers the rewards
+    before scaling them; a collective call). Sample std (TRL's ``nanstd``) when ``unbiased``; 0 for one reward."""
+    reduce = _all_sum if all_processes else (lambda t: t)
+    parts = [rewards] if isinstance(rewards, Tensor) else list(rewards)
+    r = torch.cat([x.reshape(-1).to(torch.float64) for x in parts])
+    n, total = reduce(torch.stack([r.new_tensor(float(r.numel())), r.sum()])).unbind()
+    if float(n) < 2:
+        return r.new_zeros(())
+    ss = reduce((r - total / n).square().sum())  # two passes: no cancellation
+    var = ss / ((n - 1) if unbiased else n)
+    return var.sqrt()
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -164,11 +214,41 @@ def token_mean(values: Tensor, mask: Tensor, num_items: float | Tensor | None = 
                    int(mask.sum()), num_items)
 
 
+def reduce_policy_loss(per_token: Tensor, mask: Tensor, loss_type: LossType = "dapo", *,
+                       num_items: float | Tensor | None = None, num_seqs: float | Tensor | None = None,
+                       max_len: int | None = None) -> Tensor:
+    """The per-token loss ``[N, T]`` reduced over the tokens of ``mask`` as TRL's ``loss_type``
+    (``GRPOTrainer._compute_loss``), in the optimizer step's big batch:
+
+    - ``dapo`` (default): ``Σ_tokens / num_items``, the step's token count (TRL: the generation batch's
+      token count over all processes).
+    - ``grpo``: each sequence's token mean, then the mean over sequences, ``Σ_i (Σ_t / |o_i|) / num_seqs``
+      (DeepSeekMath Eq. 3; ``|o_i|`` clamped to 1).
+    - ``dr_grpo``: ``Σ_tokens / (num_seqs · max_len)`` (Dr. GRPO's constant; TRL's ``max_completion_length``).
+    - ``bnpo``: ``Σ_tokens / num_items``, as ``dapo``. TRL divides by the *local micro-batch's* token count
+      and averages the micro-batches, so its value depends on the accumulation and process split; in one
+      batch on one process it is the token mean, which is what the step's big batch gives here.
+
+    ``num_items`` / ``num_seqs``: the step's token / sequence counts (all micro-batches and processes), so the
+    micro-batch losses sum to the big batch's; None: this batch's (``mask.sum()`` / ``N``), i.e. TRL's value
+    for one micro-batch without accumulation. ``max_len`` defaults to ``T``. Masked positions contribute 0."""
+    if loss_type in ("dapo", "bnpo"):
+        return token_mean(per_token, mask, num_items)
+    vals = torch.where(mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
+    if loss_type == "grpo":
+        per_seq = vals.sum(-1) / mask.sum(-1).clamp(min=1).to(vals.dtype)
+        return _reduce(per_seq.sum(), mask.shape[0], num_seqs)
+    if loss_type == "dr_grpo":
+        return _reduce(vals.sum(), mask.shape[0], num_seqs) / (mask.shape[-1] if max_len is None else max_len)
+    raise ValueError(f"unknown loss_type '{loss_type}'; use one of {', '.join(LOSS_TYPES)}")
+
+
 @dataclass
 class PolicyLoss:
     """What :func:`clipped_policy_loss` returns: ``loss`` (scalar, differentiable) and, detached, this
-    batch's share of the step totals (each a sum over its tokens divided by ``num_items``): the fraction
-    of tokens clipped, the mean ratio ρ and the mean k3 KL to the reference (None without one)."""
+    batch's share of the step totals (each a sum over its tokens divided by ``num_items``, whatever the
+    ``loss_type``, as TRL logs token means): the fraction of tokens clipped, the mean ratio ρ and the mean
+    k3 KL to the reference (None without one)."""
 
     loss: Tensor
     clip_fraction: Tensor
@@ -177,12 +257,16 @@ class PolicyLoss:
 
 
 def clipped_policy_loss(logp: Tensor, anchor_logp: Tensor, advantages: Tensor, mask: Tensor, *,
-                        num_items: float | Tensor | None = None, epsilon_low: float = 0.2,
-                        epsilon_high: float | None = None, ref_logp: Tensor | None = None,
-                        kl_coef: float = 0.0) -> PolicyLoss:
-    """The step loss ``Σ_tokens [−min(ρA, clip(ρ)A) + kl_coef·k3] / num_items`` (module docstring) over the
-    tokens of ``mask`` (``[N, T]``, from ``token_logprobs``). ``ref_logp`` gives the KL term (and the ``kl``
-    metric even when ``kl_coef`` is 0)."""
+                        loss_type: LossType = "dapo", max_len: int | None = None,
+                        num_items: float | Tensor | None = None, num_seqs: float | Tensor | None = None,
+                        epsilon_low: float = 0.2, epsilon_high: float | None = None,
+                        ref_logp: Tensor | None = None, kl_coef: float = 0.0) -> PolicyLoss:
+    """The step loss: per token ``−min(ρA, clip(ρ)A) + kl_coef·k3`` (module docstring) over the tokens of
+    ``mask`` (``[N, T]``, from ``token_logprobs``), reduced as ``loss_type`` by :func:`reduce_policy_loss`
+    (``num_items``: the step's token count, ``num_seqs``: its sequence count, ``max_len``: ``dr_grpo``'s
+    constant). ``ref_logp`` gives the KL term (and the ``kl`` metric even when ``kl_coef`` is 0)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type '{loss_type}'; use one of {', '.join(LOSS_TYPES)}")
     per_token, clipped, ratio = clipped_surrogate(logp, anchor_logp, advantages, epsilon_low, epsilon_high)
     kl = None
     if ref_logp is not None:
@@ -190,8 +274,9 @@ def clipped_policy_loss(logp: Tensor, anchor_logp: Tensor, advantages: Tensor, m
         if kl_coef:
             per_token = per_token + kl_coef * kl_tok
         kl = token_mean(kl_tok.detach(), mask, num_items)
-    return PolicyLoss(token_mean(per_token, mask, num_items), token_mean(clipped.float(), mask, num_items),
-                      token_mean(ratio.detach(), mask, num_items), kl)
+    loss = reduce_policy_loss(per_token, mask, loss_type, num_items=num_items, num_seqs=num_seqs, max_len=max_len)
+    return PolicyLoss(loss, token_mean(clipped.float(), mask, num_items), token_mean(ratio.detach(), mask, num_items),
+                      kl)
 
 
 def old_logprobs(batch: dict[str, Tensor], logp: Tensor, keep: bool) -> Tensor:
@@ -235,7 +320,7 @@ class RolloutBuffer:
         return {"used": self.used, "batches": [{k: {"dtype": str(v.dtype).removeprefix("torch."),
                                                     "shape": list(v.shape),
                                                     "data": v.detach().cpu().reshape(-1).tolist()}
-                                                for k, v in b.items() if k != "num_items"}
+                                                for k, v in b.items() if k not in ("num_items", "num_seqs")}
                                                for b in self.batches]}
 
     def load(self, state: dict[str, Any], device: torch.device) -> None:
@@ -280,6 +365,11 @@ class PolicyParams(Params):
     max_new_tokens: int | None = Field(None, ge=1, description="generation length; default the task's")
     num_iterations: int = Field(1, ge=1, description="μ: optimizer steps on each rollout (clipping acts when > 1)")
     gen_batch_size: int = Field(64, ge=1, description="sequences per generate call")
+    loss_type: LossType = Field("dapo", description="TRL's loss_type: dapo (token mean over the step), grpo "
+                                "(per-sequence mean, then over sequences), dr_grpo (÷ sequences·max_new_tokens), "
+                                "bnpo (= dapo in one big batch)")
+    scale_rewards: ScaleRewards = Field("group", description="TRL's scale_rewards: divide the advantages by the "
+                                        "group's std (group), the step's (batch), or not at all (none)")
 
 
 class PolicyDistiller(LMDistiller):
@@ -311,6 +401,9 @@ class PolicyDistiller(LMDistiller):
         if self.uses_verifier and not self.rewarded:
             raise RecipeError(f"method '{self.method}' rewards completions with the task's verifier; use a task "
                               "that has one (arithmetic)")
+        if not self.uses_verifier and params.scale_rewards != "group":  # (recipes store every default)
+            raise RecipeError(f"method '{self.method}' has no verifier advantages to scale; "
+                              "remove method.scale_rewards")
         self.ref = self.make_reference(student)  # a submodule: moved with the distiller, frozen
         self.buffer = RolloutBuffer(params.num_iterations)
 
@@ -350,8 +443,8 @@ class PolicyDistiller(LMDistiller):
         return lp.clone()
 
     def sample(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The micro-batch's prompts replaced by G student samples each, with rewards, advantages and the
-        fixed log-probs of the reference (and whatever :meth:`score` adds)."""
+        """The micro-batch's prompts replaced by G student samples each, with rewards and the fixed log-probs
+        of the reference (and whatever :meth:`score` adds)."""
         p, tok = self.params, self.data.tokenizer
         idx = batch["index"]
         out, r = sample_groups(self.student, [self.prompts[int(i)] for i in idx], idx, tok, group_size=p.group_size,
@@ -360,23 +453,31 @@ class PolicyDistiller(LMDistiller):
         if self.rewarded:
             refs = [self.references[int(i)] for i in out["index"]]
             out["reward"] = verifier_rewards(r.texts(tok), refs, self.data.verify).to(idx.device)
-        if self.uses_verifier:
-            out["advantages"] = group_advantages(out["reward"], out["group"])
         if self.ref is not None:
             out["ref_logprobs"] = self.frozen_logprobs(self.ref, out)
         self.score(out)
         return out
 
     def prepare_batches(self, batches: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
-        reused = self.buffer.take()
-        if reused is not None:
-            return reused
-        out = [self.sample(b) for b in batches]
-        if self.rewarded:  # the step's mean reward, logged by every micro-batch
-            mean = torch.cat([b["reward"] for b in out]).mean()
-            for b in out:
-                b["reward_mean"] = mean
-        self.buffer.put(out)
+        """The step's rollouts (sampled, or reused while μ allows) with their advantages (``uses_verifier``:
+        ``scale_rewards="batch"`` needs every micro-batch's rewards) and ``num_seqs``, the step's sequence
+        count over all processes (the ``grpo`` / ``dr_grpo`` reductions)."""
+        out = self.buffer.take()
+        if out is None:
+            out = [self.sample(b) for b in batches]
+            if self.rewarded:  # the step's mean reward, logged by every micro-batch
+                mean = torch.cat([b["reward"] for b in out]).mean()
+                for b in out:
+                    b["reward_mean"] = mean
+            if self.uses_verifier:
+                scale = self.params.scale_rewards
+                std = reward_std([b["reward"] for b in out], all_processes=True) if scale == "batch" else None
+                for b in out:
+                    b["advantages"] = group_advantages(b["reward"], b["group"], scale=scale, batch_std=std)
+            self.buffer.put(out)
+        rows = _all_sum(torch.tensor(float(sum(len(b["group"]) for b in out)), device=out[0]["group"].device))
+        for b in out:
+            b["num_seqs"] = rows
         return out
 
     def training_step(self, batch: dict[str, Tensor]) -> Step:
@@ -385,9 +486,9 @@ class PolicyDistiller(LMDistiller):
         logp, mask = token_logprobs(self.student_logits(batch), batch["labels"], p.temperature)
         old = old_logprobs(batch, logp, keep=p.num_iterations > 1)
         out = clipped_policy_loss(logp, self.anchor_logprobs(batch, old), self.advantages(batch, old), mask,
-                                  num_items=batch.get("num_items"), epsilon_low=p.epsilon,
-                                  epsilon_high=p.epsilon_high, ref_logp=batch.get("ref_logprobs"),
-                                  kl_coef=p.kl_coef)
+                                  loss_type=p.loss_type, max_len=self.max_new_tokens, num_items=batch.get("num_items"),
+                                  num_seqs=batch.get("num_seqs"), epsilon_low=p.epsilon, epsilon_high=p.epsilon_high,
+                                  ref_logp=batch.get("ref_logprobs"), kl_coef=p.kl_coef)
         shares: dict[str, Tensor] = {"clip_frac": out.clip_fraction, "ratio": out.ratio}
         if out.kl is not None:
             shares["kl"] = out.kl

@@ -8,6 +8,8 @@ losses are summed over classes, averaged over the batch and multiplied by T².
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -150,6 +152,70 @@ def taid_loss(student_logits: Tensor, teacher_logits: Tensor, t: float | Tensor,
     return soft_cross_entropy(s, target, reduction)
 
 
+FirstScaling = Literal["probs", "logprobs"]
+StudentNorm = Literal["topk", "full"]
+
+
+def first_normalize(topk_logprobs: Tensor, temperature: float = 1.0, scaling: FirstScaling = "probs") -> Tensor:
+    """FIRST's normalisation of top-k entries (S03; official SHUMKASHUN/FIRST ``distill.py`` l. 279-281,
+    ``normalization`` with ``use_norm="softmax"``): log-probs ``[..., k]`` from top-k log-probs ``[..., k]``.
+
+    ``scaling="probs"``: ``log softmax(exp(ℓ) / temperature)``, the official softmax over the top-k
+    *probabilities* (the official data path feeds probabilities, ``teacher_top_prob``);
+    ``scaling="logprobs"``: ``log softmax(ℓ / temperature)``, i.e. tempering and renormalising over the
+    top k (what the official code computes if it is fed the log-probs its own ``generate.py`` stores).
+    In float32 (float64 stays float64). A row of −inf (a position a cache lookup leaves unfilled,
+    never read by the losses) gives a uniform row instead of nan.
+    """
+    if not temperature > 0:
+        raise ValueError(f"calibration_temperature must be positive, not {temperature}")
+    if scaling not in ("probs", "logprobs"):
+        raise ValueError(f"scaling must be 'probs' or 'logprobs', not {scaling!r}")
+    lp = topk_logprobs.to(torch.promote_types(topk_logprobs.dtype, torch.float32))
+    x = lp.exp() if scaling == "probs" else lp.masked_fill(torch.isneginf(lp).all(-1, keepdim=True), 0.0)
+    return F.log_softmax(x / temperature, dim=-1)
+
+
+def first_student_logprobs(
+    student_logits: Tensor, ids: Tensor, student_norm: StudentNorm = "topk", scaling: FirstScaling = "probs"
+) -> Tensor:
+    """The student's side of FIRST at the teacher's top-k ids ``[..., k]`` from logits ``[..., C]``.
+
+    ``student_norm="topk"`` (official, ``distill.py`` l. 268-271 and 292): the student's full softmax
+    gathered at the ids, then normalised over them as the teacher is (``first_normalize`` at the
+    official ``--student_temp`` default 1): with ``scaling="probs"`` a softmax of its top-k
+    probabilities, with ``"logprobs"`` its log-probs minus their logsumexp over the k.
+    ``student_norm="full"`` (ours): the full log-softmax gathered at the ids, unnormalised, so student
+    mass outside the top k is penalised (the sparse-teacher convention of ``docs/conventions.md``).
+    """
+    log_q = F.log_softmax(student_logits.to(torch.promote_types(student_logits.dtype, torch.float32)), dim=-1)
+    log_q = log_q.gather(-1, ids.long())
+    if student_norm == "full":
+        return log_q
+    if student_norm == "topk":
+        return first_normalize(log_q, 1.0, scaling)
+    raise ValueError(f"student_norm must be 'topk' or 'full', not {student_norm!r}")
+
+
+def first_divergence(
+    student_logits: Tensor,
+    ids: Tensor,
+    target_logprobs: Tensor,
+    student_norm: StudentNorm = "topk",
+    scaling: FirstScaling = "probs",
+) -> Tensor:
+    """FIRST's per-row forward KL ``Σ_j q_T,j · (log q_T,j − log q_S,j)`` over the k ids (official
+    ``F.kl_div(s, t, log_target=True)``, ``distill.py`` l. 310/318), shared by the classifier ``first``
+    and ``lm_first``: ``student_logits [..., C]``, ``ids``/``target_logprobs [..., k]`` (the calibrated
+    target as log-probs, detached here), ``q_S`` from ``first_student_logprobs``. Returns ``[...]``."""
+    return kl_rows(target_logprobs.detach(), first_student_logprobs(student_logits, ids, student_norm, scaling))
+
+
+def _first_target_logprobs(teacher_logits: Tensor, top_k: int, calibration_temperature: float) -> tuple[Tensor, Tensor]:
+    top_lp, idx = F.log_softmax(teacher_logits.float(), dim=-1).topk(top_k, dim=-1)
+    return first_normalize(top_lp, calibration_temperature, "probs"), idx
+
+
 def first_targets(
     teacher_logits: Tensor, top_k: int = 5, calibration_temperature: float = 1.0
 ) -> tuple[Tensor, Tensor]:
@@ -157,11 +223,11 @@ def first_targets(
     official SHUMKASHUN/FIRST ``distill.py``, ``use_norm="softmax"``): the teacher's top-k probabilities
     ``p = topk(softmax(t))`` re-normalised by a softmax at the calibration temperature,
     ``softmax(p / calibration_temperature)`` (the softmax acts on probabilities, not logits, as the
-    official code's ``normalization``). The tail beyond the top k is dropped. Returns the target
-    ``[batch, k]`` and the class ids ``[batch, k]`` (descending teacher probability).
+    official code's ``normalization``; ``first_normalize``). The tail beyond the top k is dropped.
+    Returns the target ``[batch, k]`` and the class ids ``[batch, k]`` (descending teacher probability).
     """
-    top_p, idx = F.softmax(teacher_logits.float(), dim=-1).topk(top_k, dim=-1)
-    return F.softmax(top_p / calibration_temperature, dim=-1), idx
+    log_target, idx = _first_target_logprobs(teacher_logits, top_k, calibration_temperature)
+    return log_target.exp(), idx
 
 
 def first_loss(
@@ -169,18 +235,17 @@ def first_loss(
     teacher_logits: Tensor,
     top_k: int = 5,
     calibration_temperature: float = 1.0,
+    student_norm: StudentNorm = "topk",
     reduction: str = "mean",
 ) -> Tensor:
-    """FIRST (S03): ``KL(q_T ‖ p_S)`` over the teacher's top-k classes, with ``q_T`` from
-    ``first_targets`` and ``p_S`` the student's full-class log-softmax gathered at those ids (the
-    sparse-teacher convention of ``docs/conventions.md``: student mass outside the top k is
-    penalised). Summed over the k classes, mean over the batch; no T² (the student is not tempered).
-    Deviation: the official code also re-normalises the student over the top k (a softmax of its
-    probabilities, which caps the student's top-k confidence); we do not.
+    """FIRST (S03): ``KL(q_T ‖ q_S)`` over the teacher's top-k classes (``first_divergence``), with
+    ``q_T`` from ``first_targets`` and ``q_S`` the student normalised over the same k classes
+    (``student_norm="topk"``, official: a softmax of its top-k probabilities) or its full-class
+    log-softmax gathered there (``"full"``, ours). Summed over the k classes, mean over the batch;
+    no T² (the student is not tempered, as the official ``--student_temp 1``).
     """
-    target, idx = first_targets(teacher_logits, top_k, calibration_temperature)
-    log_q_s = F.log_softmax(student_logits.float(), dim=-1).gather(-1, idx)
-    return _reduce(kl_rows(target.log(), log_q_s), reduction)
+    log_target, idx = _first_target_logprobs(teacher_logits, top_k, calibration_temperature)
+    return _reduce(first_divergence(student_logits, idx, log_target, student_norm, "probs"), reduction)
 
 
 def ferkd_regions(

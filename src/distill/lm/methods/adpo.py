@@ -1,9 +1,10 @@
 """``adpo``: Anchored Direct Preference Optimization (ADPO, S06; Wang Zixian 2025, arXiv 2510.18913).
 
 For each prompt, a list of K completions ``y_1..y_K`` with sequence log-probs ``ℓ_i = log π_θ(y_i | x)``
-(sum over completion tokens, ``docs/conventions.md``) and anchor log-probs ``ℓ_i^ref = log π_ref(y_i | x)``;
-the loss is the KL from a target distribution ``q`` over the list to the anchored softmax (the paper's
-central objective):
+(sum over completion tokens of the log-probs at the sampling temperature T, i.e. of
+``log_softmax(logits / T)``, ``docs/conventions.md``) and anchor log-probs ``ℓ_i^ref = log π_ref(y_i | x)``
+(the same, under the anchor); the loss is the KL from a target distribution ``q`` over the list to the
+anchored softmax (the paper's central objective):
 
 ``L = KL(q ‖ p_θ),   p_θ(i) = softmax_i((ℓ_i − ℓ_i^ref) / τ_anc)``
 
@@ -12,12 +13,14 @@ summed over the step's prompts and divided by their count. KL and the official c
 
 Choices (``method:`` keys):
 
-- ``target`` (q): ``reward`` (default, the official trainer): ``softmax(Â / target_temperature)`` with
-  ``Â`` the group-normalised verifier rewards ``(r − mean) / (std + 1e-4)`` (unbiased std, as TRL's
-  GRPO; ``distill.lm.policy.group_advantages``); ``correct``: uniform over the completions with the highest reward (the verified-correct
-  ones; uniform over all when none or all are correct), the ``target_temperature → 0`` limit of
-  softmax of rewards; ``teacher``: teacher scores, ``softmax(ℓ^T / target_temperature)`` with ``ℓ^T``
-  the teacher's sequence log-probs of the same completions (the teacher renormalised on the list).
+- ``target`` (q): ``reward`` (default, the official trainer): ``softmax(Â / beta_reward)`` with ``Â`` the
+  group-normalised verifier rewards ``(r − mean) / (std + 1e-4)`` (unbiased std, as TRL's GRPO;
+  ``distill.lm.policy.group_advantages``) and ``beta_reward`` 0.5 (the official default);
+  ``correct``: uniform over the completions with the highest reward (the verified-correct ones; uniform
+  over all when none or all are correct), the ``beta_reward → 0`` limit; ``teacher``: teacher scores,
+  ``softmax(ℓ^T / teacher_temperature)`` with ``ℓ^T`` the teacher's sequence log-probs of the same
+  completions at the sampling temperature (the teacher renormalised on the list; ours, the official
+  code has no teacher target).
 - ``anchor`` (π_ref): ``on_policy`` (default, the official default): the policy that sampled the list.
   Our engine samples once per optimizer step and updates once, so that policy is the current one,
   detached (the official ``old_per_token_logps``, which TRL replaces by ``per_token_logps.detach()``
@@ -33,21 +36,30 @@ Choices (``method:`` keys):
   (on-policy, as the official ADPO trainer, which is TRL's GRPO trainer with this loss); ``teacher``:
   K samples of the teacher per prompt at every step.
 
+Matched to the official code (``wk222/TRL-ADPO``): ``trl/trainer/adpo_config.py :: ADPOConfig``
+(``beta_reward`` 0.5, ``tau`` 1.0; ``temperature`` 1.0 from ``GRPOConfig``);
+``trl/trainer/adpo_trainer.py :: ADPOTrainer._get_per_token_logps_and_entropies`` (``logits = logits /
+self.temperature`` before ``selective_log_softmax``: every log-prob, current and anchor, is at the
+sampling temperature); ``ADPOTrainer._generate_and_score_completions`` (advantages ``(r − mean) /
+(std + 1e-4)``, ``scale_rewards="group"``); ``ADPOTrainer._compute_loss`` (``q_target = softmax((A −
+mean A) / beta_reward)``, the centring a no-op under softmax; ``anchored_scores = (sequence_logps −
+anchor_sequence_logps) / tau``; ``−(q_target · log_softmax(anchored_scores)).sum(-1)``, mean over prompts).
+
 Special cases the paper names, as configurations here:
 
 - **DPO**: K = 2, ``q`` one-hot on the preferred completion (``target: correct`` with one correct and
   one wrong sample), anchor = the reference (``fixed``): ``L = −log σ(((ℓ_w − ℓ_w^ref) − (ℓ_l −
   ℓ_l^ref)) / τ)``, DPO with β = 1/τ.
-- **KD**: ``q`` = the teacher's distribution (``target: teacher``, ``target_temperature: 1``), uniform
+- **KD**: ``q`` = the teacher's distribution (``target: teacher``, ``teacher_temperature: 1``), uniform
   anchor (``anchor: none``), τ = 1: ``L = KL(softmax(ℓ^T) ‖ softmax(ℓ))``, forward KL from the teacher
-  to the student, both renormalised on the list.
+  to the student, both renormalised on the list (log-probs at the sampling temperature T for both).
 - **SFT** is ``q`` one-hot on a reference with a uniform anchor; max-entropy RL is ``q ∝ exp(r/β)``.
 
-Deviations from the official code (``wk222/TRL-ADPO``, ``trl/trainer/adpo_trainer.py``): the EMA is
-updated once per optimizer step (the official code updates it in ``compute_loss``, once per
-micro-batch, before the optimizer step); ``target_temperature`` divides the advantages (the official
-code uses 1); its optional extra KL penalty (``beta_anchor_kl``, 0 by default), adaptive τ and
-``kl_triggered`` anchor are not implemented; the reduction is over the optimizer step's prompts.
+Deviations from the official code: the EMA is updated once per optimizer step (the official code
+updates it in ``compute_loss``, once per micro-batch, before the optimizer step); its optional extra KL
+penalty (``beta_anchor_kl``, 0 by default), adaptive τ (``use_adaptive_tau``, off by default),
+``drop_all_failed_prompts`` (off by default) and ``kl_triggered`` anchor are not implemented; the
+reduction is over the optimizer step's prompts (the official mean is per micro-batch).
 
 Logged: ``train/reward`` (mean verifier reward of the step's completions, when the task has a
 verifier), ``train/anchor_gap`` (mean ``|ℓ − ℓ^ref|``, the official ``adpo/anchor_kl``) and
@@ -74,11 +86,12 @@ from distill.lm.data.task import require_prompts
 
 class ADPOParams(Params):
     num_samples: int = Field(4, ge=2, description="K: completions per prompt (the list)")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature of the completions")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; all log-probs are of logits / T")
     tau: float = Field(1.0, gt=0, description="τ_anc: temperature of the anchored softmax (DPO's β = 1/τ)")
     target: Literal["reward", "correct", "teacher"] = Field(
         "reward", description="q: softmax of group-normalised rewards, uniform over the best, or teacher scores")
-    target_temperature: float = Field(1.0, gt=0, description="divides the advantages or teacher log-probs in q")
+    beta_reward: float = Field(0.5, gt=0, description="target reward: q = softmax(Â / beta_reward) (official 0.5)")
+    teacher_temperature: float = Field(1.0, gt=0, description="target teacher: q = softmax(ℓ^T / teacher_temperature)")
     anchor: Literal["on_policy", "fixed", "ema", "none"] = Field(
         "on_policy", description="π_ref: the sampling policy (detached), the initial student, an EMA of it, or none")
     ema_decay: float = Field(0.99, ge=0, le=1, description="EMA anchor: π_ref ← d·π_ref + (1−d)·π_θ each step")
@@ -103,13 +116,13 @@ def adpo_loss(logp: Tensor, ref_logp: Tensor, q: Tensor, tau: float = 1.0,
     return kl.sum() / (num_items.to(kl.dtype) if isinstance(num_items, Tensor) else num_items)
 
 
-def reward_target(rewards: Tensor, temperature: float = 1.0) -> Tensor:
-    """q from rewards (the official trainer): ``softmax(Â / temperature)`` per row of ``[groups, K]`` rewards,
+def reward_target(rewards: Tensor, beta_reward: float = 0.5) -> Tensor:
+    """q from rewards (the official trainer): ``softmax(Â / beta_reward)`` per row of ``[groups, K]`` rewards,
     ``Â`` GRPO's group-normalised advantages (:func:`distill.lm.policy.group_advantages`)."""
     g, k = rewards.shape
     ids = torch.arange(g, device=rewards.device).repeat_interleave(k)
     adv = group_advantages(rewards.float().reshape(-1), ids).view(g, k)
-    return torch.softmax(adv / temperature, dim=-1)
+    return torch.softmax(adv / beta_reward, dim=-1)
 
 
 def best_target(rewards: Tensor) -> Tensor:
@@ -188,7 +201,8 @@ class ADPO(LMDistiller):
             return torch.zeros_like(logp)
         assert self.anchor is not None
         with torch.no_grad():
-            return sequence_logprob(token_logits(self.anchor, batch, self.vocab), batch["labels"])
+            return sequence_logprob(token_logits(self.anchor, batch, self.vocab), batch["labels"],
+                                    temperature=self.params.temperature)
 
     def on_optimizer_step(self) -> None:
         if self.params.anchor == "ema":
@@ -202,15 +216,15 @@ class ADPO(LMDistiller):
     def target(self, batch: dict[str, Tensor], k: int) -> Tensor:
         p = self.params
         if p.target == "teacher":
-            t = sequence_logprob(self.teacher_token_logits(batch), batch["labels"])
-            return teacher_target(t.view(-1, k), p.target_temperature)
+            t = sequence_logprob(self.teacher_token_logits(batch), batch["labels"], temperature=p.temperature)
+            return teacher_target(t.view(-1, k), p.teacher_temperature)
         rewards = batch["rewards"].view(-1, k)
-        return reward_target(rewards, p.target_temperature) if p.target == "reward" else best_target(rewards)
+        return reward_target(rewards, p.beta_reward) if p.target == "reward" else best_target(rewards)
 
     def training_step(self, batch: dict[str, Tensor]) -> Step:
         self.seen(batch)
         k = self.params.num_samples
-        logp = sequence_logprob(self.student_logits(batch), batch["labels"])
+        logp = sequence_logprob(self.student_logits(batch), batch["labels"], temperature=self.params.temperature)
         ref = self.anchor_logprob(batch, logp)
         q = self.target(batch, k)
         loss = adpo_loss(logp.view(-1, k), ref.view(-1, k), q, self.params.tau, batch.get("num_items"))

@@ -10,7 +10,9 @@ token-level generalized JSD_β (Eq. 1) between teacher and student on those toke
 
 No gradient flows through the sampling (the paper and TRL treat the samples as data).
 
-Matched to TRL's ``GKDTrainer`` (``trl/trainer/gkd_trainer.py``, and ``trl/experimental/gkd``):
+Matched to TRL's ``GKDTrainer`` (``trl/experimental/gkd/gkd_trainer.py`` of TRL v1.9.0, commit ``35def3ee``,
+2026-07-21; ``trl/trainer/gkd_trainer.py`` was removed on 2026-02-10; ``GKDConfig`` defaults ``lmbda`` 0.5,
+``beta`` 0.5, ``temperature`` 0.9, ``max_new_tokens`` 128):
 
 - The λ coin is tossed once per *micro-batch*, as TRL's ``training_step`` does (the HF Trainer calls
   it once per gradient-accumulation micro-batch), and a micro-batch is on-policy when ``u < λ``
@@ -19,18 +21,20 @@ Matched to TRL's ``GKDTrainer`` (``trl/trainer/gkd_trainer.py``, and ``trl/exper
   λ = 1 draw nothing, so λ = 0 reproduces ``lm_kd`` with ``kind: jsd`` bitwise, RNG stream included.
 - Sampling: ``do_sample``, full vocabulary (``top_k = 0``, no top-p) at ``temperature``. With
   ``seq_kd`` the teacher is sampled with the same settings (TRL uses one generation config for both).
-  Deviation: TRL generates the teacher's sequences at every step and then overwrites them when the λ
-  coin says on-policy; we generate the teacher's only when they are used (same batches in
-  distribution, less work, a different RNG stream).
-- The loss temperature: TRL's default (non-Liger) loss calls ``generalized_jsd_loss`` without a
-  temperature (T = 1) while its Liger path passes ``args.temperature``; ``loss_temperature`` (default
-  1) makes that choice explicit. TRL's default sampling temperature is 0.9; ours is 1, sampling the
-  student's own distribution unmodified as Algorithm 1 writes it (``y ~ p_S(· | x)``).
+  The teacher's sequences are generated only for the off-policy micro-batches, as TRL v1.9.0's
+  ``training_step`` does (older TRL generated them every step and overwrote them on on-policy ones).
+- The loss temperature: TRL calls ``generalized_jsd_loss`` without a temperature (T = 1), and its Liger
+  path matches that (no temperature scaling); ``loss_temperature`` (default 1) makes that choice
+  explicit. TRL's default sampling temperature is 0.9; ours is 1, sampling the student's own
+  distribution unmodified as Algorithm 1 writes it (``y ~ p_S(· | x)``).
 - Masks: prompts are masked and every generated token up to and including the first ``eos`` is
-  supervised; sequences are re-collated right-padded. (TRL scores the positions after the left-padded
-  prompt block and masks tokens equal to the pad id, which also masks ``eos`` when ``pad == eos``.)
+  supervised, as TRL's ``generate_on_policy_outputs`` (v1.9.0) does; sequences are re-collated
+  right-padded (TRL keeps the left-padded prompt block and masks it with the prompt's attention mask).
 - Reduction: the sum over the optimizer step's supervised tokens divided by their count (``num_items``,
-  our convention), where TRL averages over each micro-batch's tokens.
+  our convention, counted on the batches actually trained). TRL v1.9.0 also divides by the Trainer's
+  ``num_items_in_batch`` (TRL issue #4719), but that count is taken on the dataset's batches before an
+  on-policy micro-batch replaces them, so the two differ on on-policy steps (older TRL took each
+  micro-batch's token mean).
 
 Logged: ``train/loss`` (the JSD) and ``train/on_policy``, the fraction of the step's micro-batches that
 were the student's samples.

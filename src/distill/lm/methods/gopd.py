@@ -26,8 +26,10 @@ gradient of the per-token reverse KL ``Σ_t (log π − log π_T)`` (discount 0,
   temperature to the reference and teacher log-prob passes too). ``log π_old`` is the student at sampling
   time (fixed over the μ reuses, as the official ``old_log_prob``).
 - Deviations: the official code uses verl's dual-clip PPO loss (``clip_ratio_c = 3``) and its own loss
-  aggregation; we use the plain clip and the token mean over the optimizer step. With μ = 1 (the paper's
-  on-policy setting) neither clip acts.
+  aggregation; we use the plain clip and, by default, the token mean over the optimizer step
+  (``loss_type``, shared with ``grpo``: ``grpo`` / ``dr_grpo`` / ``bnpo`` are TRL's other reductions;
+  ``scale_rewards`` does not apply, there is no group normalisation). With μ = 1 (the paper's on-policy
+  setting) neither clip acts.
 
 Logged: ``train/reverse_kl`` (``Σ (log π_old − log π_T) / num_items``: the on-policy reverse-KL estimate of
 the step's rollouts), ``train/clip_frac``, ``train/ratio``, with a reference ``train/kl`` (k3 to π_ref), and

@@ -12,10 +12,18 @@ Per supervised token (position ``i`` predicting token ``i + 1``):
    the *probabilities* ``p = exp(ℓ)``. ``scaling="logprobs"``: ``q_T = softmax(ℓ_topk / τ)``, i.e. the
    teacher tempered by τ (ordinary temperature scaling) and renormalised over its top k; with k = V
    and τ = 1 this is the teacher itself, so the loss is token-level forward KL.
-3. The student is trained with the official forward KL ``Σ_j q_T,j · (log q_T,j − log q_S(id_j))``
-   over the k ids, summed over supervised tokens and divided by the optimizer step's token count
-   (``first_token_loss``: ``sparse_token_divergence`` with ``tail="renormalize"``, the target passed
-   as log-probs at temperature 1; ``fused_sparse_token_divergence`` with ``fused: true``).
+3. The student is trained with the official forward KL ``Σ_j q_T,j · (log q_T,j − log q_S,j)`` over the
+   k ids, summed over supervised tokens and divided by the optimizer step's token count
+   (``first_token_loss``; ``fused_first_token_loss`` with ``fused: true``; both are
+   ``distill.logits.losses.first_divergence``, shared with the classifier ``first``). ``q_S``:
+   ``student_norm="topk"`` (default, official ``distill.py`` l. 268-271 and 292): the student's
+   full-vocabulary softmax gathered at the k ids and normalised over them by the same map as the
+   target at temperature 1 (official ``--student_temp`` default 1): a softmax of its top-k
+   probabilities for ``scaling="probs"``, its log-probs minus their logsumexp over the k for
+   ``"logprobs"``. ``student_norm="full"`` (ours): the gathered full-vocabulary log-softmax itself, so
+   student mass outside the top k is penalised (the sparse-teacher convention of
+   ``docs/conventions.md``); on random logits its loss is 50-100x the official one, and for a student
+   trained from scratch it avoids ``topk``'s vanishing gradient (both in the classifier ``first``'s docstring).
 
 τ is fitted once, at construction, on the *validation* split at token level: the grid value of
 ``distill.core.metrics.CALIBRATION_GRID`` that minimises the 15-bin ECE (``distill.core.metrics.ece``)
@@ -30,9 +38,18 @@ Deviations, all shared with the classifier ``first`` where they apply:
   that fits it; fitting τ on held-out data for minimal ECE is our reading of "trustworthy
   maximization" (the paper's criterion is calibration, measured by ECE). NLL is not offered: a
   next token outside the top k has probability 0 under ``q_T``.
-- The official loss also re-normalises the *student* over the teacher's top k (``log_softmax`` of its
-  top-k probabilities at ``--student_temp``); we gather the student's full-vocabulary log-softmax at
-  the k ids (``docs/conventions.md``, sparse teacher), so student mass outside the top k is penalised.
+- The official repository is inconsistent with itself (commit c2c7c76): (a) ``data_processing/generate.py``
+  l. 19, 28, 37 stores *log*-probs (``log_softmax``) under the key ``top_log_probs``, while
+  ``TeacherDataset.py`` l. 21, 30 reads ``top_token_prob`` and ``distill.py`` l. 261, 287 treats the
+  values as probabilities (``teacher_top_prob``, ``1 − sum``); fed ``generate.py``'s output, the
+  teacher would be normalised as log-probs (our ``scaling="logprobs"``) but the student, gathered from
+  ``F.softmax`` at l. 268-271, as probabilities. Our ``topk`` applies the same map to both. (b) The
+  "other token" branch (l. 286-290) concatenates *probabilities* (top-k and ``1 − Σ``) and passes them
+  to ``F.kl_div(..., log_target=True)`` (l. 310, 318) as if they were log-probs. (c) The published run
+  script ``example_run.sh`` l. 13-14 uses ``--use_other_token yes --use_norm linear``: the other-token
+  branch, so neither the softmax normalisation nor any temperature is applied, unlike the paper's
+  calibrated softmax. (d) ``label_smoothing`` (l. 296-300) shifts log-probs, not probabilities, and
+  only when ``--use_label_smoothing yes`` (default ``no``; not offered here).
 - Official reduction: per-sequence token sum, mean over the per-device batch; ours: sum over
   supervised tokens / the optimizer step's token count (conventions).
 - The official "other token" mode (top-k plus a tail bucket, uncalibrated) is ``lm_kd`` with a
@@ -44,12 +61,12 @@ Deviations, all shared with the classifier ``first`` where they apply:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from distill.core.distiller import Step, TaskInfo
 from distill.core.metrics import CALIBRATION_GRID, ece
@@ -60,37 +77,64 @@ from distill.lm.base import LMDistiller
 from distill.lm.methods.lm_kd import fused_cross_entropy
 from distill.lm.losses import _valid_rows
 from distill.lm.models import token_logits
+from distill.logits.losses import FirstScaling, StudentNorm, first_divergence, first_normalize
 
-Scaling = Literal["probs", "logprobs"]
+Scaling = FirstScaling
 
-
-def first_token_targets(topk_logprobs: Tensor, calibration_temperature: float, scaling: Scaling = "probs") -> Tensor:
-    """FIRST's calibrated target as log-probs ``[..., k]`` from the teacher's top-k log-probs
-    ``[..., k]`` (temperature 1): ``log softmax(exp(ℓ) / τ)`` for ``scaling="probs"`` (official
-    ``use_norm="softmax"``, as ``distill.logits.losses.first_targets``), ``log softmax(ℓ / τ)`` for
-    ``"logprobs"``. In float32 (float64 stays float64). A row of −inf (a position a cache lookup leaves
-    unfilled, never read by the losses) gives a uniform row instead of nan."""
-    if not calibration_temperature > 0:
-        raise ValueError(f"calibration_temperature must be positive, not {calibration_temperature}")
-    if scaling not in ("probs", "logprobs"):
-        raise ValueError(f"scaling must be 'probs' or 'logprobs', not {scaling!r}")
-    lp = topk_logprobs.to(torch.promote_types(topk_logprobs.dtype, torch.float32))
-    x = lp.exp() if scaling == "probs" else lp.masked_fill(torch.isneginf(lp).all(-1, keepdim=True), 0.0)
-    return F.log_softmax(x / calibration_temperature, dim=-1)
+# the calibrated target ``q_T`` as log-probs from the teacher's top-k log-probs (shared with the classifier)
+first_token_targets = first_normalize
 
 
 def first_token_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, labels: Tensor,
                      calibration_temperature: float, scaling: Scaling = "probs",
-                     num_items: float | Tensor | None = None) -> Tensor:
-    """FIRST's token loss: ``Σ_j q_T,j · (log q_T,j − log q_S(id_j))`` per supervised token, summed over
-    tokens and divided by ``num_items`` (or this batch's supervised tokens); ``q_T`` =
-    ``first_token_targets(teacher_logprobs, τ, scaling)``, ``q_S`` the student's full-vocabulary
-    softmax. Shapes: ``student_logits [B, T, V]``, ``teacher_ids``/``teacher_logprobs [B, T, k]``
-    (the teacher's top-k at temperature 1, aligned with the logits), ``labels [B, T]``. This is
-    ``sparse_token_divergence`` (forward KL, ``tail="renormalize"``) against the calibrated target."""
+                     num_items: float | Tensor | None = None, student_norm: StudentNorm = "topk") -> Tensor:
+    """FIRST's token loss: ``Σ_j q_T,j · (log q_T,j − log q_S,j)`` per supervised token
+    (``distill.logits.losses.first_divergence``), summed over tokens and divided by ``num_items`` (or
+    this batch's supervised tokens); ``q_T`` = ``first_token_targets(teacher_logprobs, τ, scaling)``,
+    ``q_S`` the student normalised over the k ids (``student_norm``, module docstring). Shapes:
+    ``student_logits [B, T, V]``, ``teacher_ids``/``teacher_logprobs [B, T, k]`` (the teacher's top-k at
+    temperature 1, aligned with the logits), ``labels [B, T]``."""
+    batch, seq, vocab = student_logits.shape
+    L._check_sparse(teacher_ids, teacher_logprobs, batch, seq, vocab)
+    L._check_labels(labels, batch, seq, "logits")
+    rows = _valid_rows(labels, seq)
+    k = teacher_ids.shape[-1]
     target = first_token_targets(teacher_logprobs.detach(), calibration_temperature, scaling)
-    return L.sparse_token_divergence(student_logits, teacher_ids, target, labels, "forward_kl", "renormalize", 1.0,
-                                     num_items)
+    per = first_divergence(student_logits.reshape(batch * seq, vocab).index_select(0, rows),
+                           teacher_ids.reshape(batch * seq, k).index_select(0, rows),
+                           target.reshape(batch * seq, k).index_select(0, rows), student_norm, scaling)
+    return L._reduce(per.sum(), rows.numel(), num_items)
+
+
+def fused_first_token_loss(hidden: Tensor, weight: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor,
+                           labels: Tensor, calibration_temperature: float, scaling: Scaling = "probs",
+                           num_items: float | Tensor | None = None, student_norm: StudentNorm = "topk",
+                           chunk_size: int = 1024) -> Tensor:
+    """``first_token_loss(hidden @ weight.T, ...)`` without the full ``[tokens, vocab]`` logits:
+    ``student_norm="full"`` is ``fused_sparse_token_divergence`` (forward KL, ``tail="renormalize"``);
+    ``"topk"`` runs ``first_divergence`` over ``chunk_size`` tokens at a time under activation
+    checkpointing, so only one chunk's logits exist at a time, in the forward and in the backward."""
+    target = first_token_targets(teacher_logprobs.detach(), calibration_temperature, scaling)
+    if student_norm == "full":
+        return L.fused_sparse_token_divergence(hidden, weight, teacher_ids, target, labels, "forward_kl",
+                                               "renormalize", 1.0, num_items, chunk_size)
+    batch, seq, hid = hidden.shape
+    L._check_sparse(teacher_ids, teacher_logprobs, batch, seq, weight.shape[0])
+    L._check_labels(labels, batch, seq, "hidden states")
+    rows = _valid_rows(labels, seq)
+    k = teacher_ids.shape[-1]
+    h = hidden.reshape(batch * seq, hid).index_select(0, rows)
+    ids = teacher_ids.reshape(batch * seq, k).index_select(0, rows)
+    lt = target.reshape(batch * seq, k).index_select(0, rows)
+
+    def chunk(h_c: Tensor, w: Tensor, ids_c: Tensor, lt_c: Tensor) -> Tensor:
+        return first_divergence(h_c.to(w.dtype) @ w.T, ids_c, lt_c, student_norm, scaling).sum()
+
+    total = torch.zeros((), dtype=torch.promote_types(weight.dtype, torch.float32), device=hidden.device)
+    for lo in range(0, rows.numel(), chunk_size):
+        hi = lo + chunk_size
+        total = total + checkpoint(chunk, h[lo:hi], weight, ids[lo:hi], lt[lo:hi], use_reentrant=False)
+    return L._reduce(total, rows.numel(), num_items)
 
 
 @torch.inference_mode()
@@ -145,6 +189,9 @@ class LMFIRSTParams(Params):
                                                   "logprobs: softmax(log p_topk/τ) (temperature scaling)")
     calibration_temperature: float | None = Field(
         None, gt=0, description="τ; None fits it on the validation split for minimal token ECE (live teacher only)")
+    student_norm: StudentNorm = Field(
+        "topk", description="topk: the student renormalised over the teacher's top-k as the target (official); "
+                            "full: its full-vocabulary log-softmax at those ids (mass outside penalised)")
     kd_weight: float = Field(1.0, ge=0)
     ce_weight: float = Field(0.0, ge=0, description="next-token CE on the labels (the paper has none)")
     fused: bool = Field(False, description="chunked loss from hidden states: memory O(chunk·vocab)")
@@ -202,14 +249,13 @@ class LMFIRST(LMDistiller):
         ce = None
         if p.fused:
             hidden, weight = self.student_hidden(batch)
-            target = first_token_targets(lp, tau, p.scaling)
-            kd = L.fused_sparse_token_divergence(hidden, weight, ids, target, labels, "forward_kl", "renormalize",
-                                                 1.0, n, p.chunk_size)
+            kd = fused_first_token_loss(hidden, weight, ids, lp, labels, tau, p.scaling, n, p.student_norm,
+                                        p.chunk_size)
             if p.ce_weight:
                 ce = fused_cross_entropy(hidden, weight, labels, n, p.chunk_size)
         else:
             s = self.student_logits(batch)
-            kd = first_token_loss(s, ids, lp, labels, tau, p.scaling, n)
+            kd = first_token_loss(s, ids, lp, labels, tau, p.scaling, n, p.student_norm)
             if p.ce_weight:
                 ce = L.token_cross_entropy(s, labels, n)
         loss = p.kd_weight * kd
