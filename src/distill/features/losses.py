@@ -1,0 +1,180 @@
+"""Pure feature-distillation losses and similarity measures: tensors in, tensor out, no state.
+
+Shapes: features ``[batch, ...]`` (vectors ``[batch, dim]``, tokens ``[batch, tokens, dim]``, maps
+``[batch, channels, *spatial]``); student and teacher features must already have the same shape
+(map one onto the other with ``distill.features.projectors``). Everything is computed in float32
+(float64 inputs stay float64). ``mask`` (``[batch]`` or ``[batch, tokens]``, true = counted) makes
+masked positions contribute exactly zero; ``reduction`` is ``mean`` (over the counted positions),
+``sum`` or ``none`` (one value per sample).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_EPS = 1e-12
+
+
+def _work(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _check_same(s: Tensor, t: Tensor, what: str) -> None:
+    if s.shape != t.shape:
+        raise ValueError(f"{what}: student {tuple(s.shape)} and teacher {tuple(t.shape)} differ; add a projector")
+
+
+def _reduce(per_pos: Tensor, mask: Tensor | None, reduction: str) -> Tensor:
+    """``per_pos`` is ``[batch]`` or ``[batch, tokens]``; the mask selects what is counted."""
+    if mask is not None:
+        if mask.shape != per_pos.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match the positions {tuple(per_pos.shape)}")
+        m = mask.to(per_pos.dtype)
+        per_pos = torch.where(mask.bool(), per_pos, torch.zeros_like(per_pos))  # zero even where NaN
+    else:
+        m = torch.ones_like(per_pos)
+    if reduction == "mean":
+        return per_pos.sum() / m.sum().clamp_min(1.0)
+    if reduction == "sum":
+        return per_pos.sum()
+    if reduction == "none":  # one value per sample: the mean over its counted positions
+        return per_pos if per_pos.dim() == 1 else per_pos.sum(1) / m.sum(1).clamp_min(1.0)
+    raise ValueError(f"reduction must be mean, sum or none, not {reduction!r}")
+
+
+def _positions(x: Tensor, mask: Tensor | None) -> int:
+    """How many leading dims index positions: 2 for token features with a ``[batch, tokens]`` mask."""
+    return 2 if mask is not None and mask.dim() == 2 else 1
+
+
+def hint_loss(student: Tensor, teacher: Tensor, mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    """FitNets hint loss (Romero et al. 2015, Eq. 3): ``‖u_h(x) − r(v_g(x))‖²`` between the teacher's
+    hint layer and the (projected) student's guided layer.
+
+    We average the squared error over feature elements (so ``reduction="mean"`` is ``F.mse_loss``);
+    the paper's ``½`` and sum are a constant factor left to the method's weight.
+    """
+    _check_same(student, teacher, "hint_loss")
+    k = _positions(student, mask)
+    d = (_work(student) - _work(teacher)).pow(2)
+    return _reduce(d.flatten(k).mean(-1), mask, reduction)
+
+
+def cosine_loss(student: Tensor, teacher: Tensor, mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    """``1 − cos(s, t)`` over the last dimension (the cosine embedding loss of DistilBERT, Sanh et al.
+    2019, §2), averaged over the other positions; insensitive to the features' scale."""
+    _check_same(student, teacher, "cosine_loss")
+    k = _positions(student, mask)
+    d = 1.0 - F.cosine_similarity(_work(student), _work(teacher), dim=-1, eps=1e-8)
+    d = d.reshape(*d.shape[:k], -1).mean(-1) if d.dim() > k else d
+    return _reduce(d, mask, reduction)
+
+
+def attention_map(features: Tensor, p: float = 2.0) -> Tensor:
+    """Activation-based spatial attention (Zagoruyko & Komodakis 2017, §3.1, ``F^p_sum``):
+    ``Q = Σ_c |A_c|^p`` over channels, flattened and L2-normalised (Eq. 2's ``Q/‖Q‖₂``).
+
+    ``features``: ``[batch, channels, *spatial]`` -> ``[batch, prod(spatial)]``. The official code
+    (szagoruyko/attention-transfer ``at``) takes the channel mean; the normalisation removes the 1/C.
+    """
+    a = _work(features).abs().pow(p).sum(1).flatten(1)
+    return F.normalize(a, dim=1, eps=_EPS)
+
+
+def at_loss(student: Tensor, teacher: Tensor, p: float = 2.0, reduction: str = "mean") -> Tensor:
+    """Attention transfer (Zagoruyko & Komodakis 2017, Eq. 2), as in the official ``at_loss``:
+    ``mean((Q_S/‖Q_S‖ − Q_T/‖Q_T‖)²)`` over positions and batch, for one pair of layers.
+
+    Channels may differ (the map sums them out); spatial sizes must match. The paper's ``β/2``
+    (β = 1000 in their experiments) and the sum over layer pairs are the method's.
+    """
+    if student.shape[0] != teacher.shape[0] or student.shape[2:] != teacher.shape[2:]:
+        raise ValueError(f"at_loss: spatial shapes differ, student {tuple(student.shape)} teacher {tuple(teacher.shape)}")
+    d = (attention_map(student, p) - attention_map(teacher, p)).pow(2).mean(1)
+    return _reduce(d, None, reduction)
+
+
+def similarity_matrix(features: Tensor) -> Tensor:
+    """Similarity-preserving Gram matrix (Tung & Mori 2019, Eq. 1-2): ``G = Q Qᵀ`` of the flattened
+    batch ``Q`` (``[b, -1]``), each row L2-normalised. Returns ``[b, b]``."""
+    q = _work(features).flatten(1)
+    return F.normalize(q @ q.T, dim=1, eps=_EPS)
+
+
+def sp_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Similarity-preserving KD (Tung & Mori 2019, Eq. 3-4): ``‖G̃_T − G̃_S‖²_F / b²`` for one layer pair.
+
+    Student and teacher widths may differ (the ``[b, b]`` matrices always match): no projector needed.
+    The paper's γ and sum over layer pairs are the method's.
+    """
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(f"sp_loss: batch sizes differ ({student.shape[0]} vs {teacher.shape[0]})")
+    b = student.shape[0]
+    return (similarity_matrix(teacher) - similarity_matrix(student)).pow(2).sum() / (b * b)
+
+
+def _centre_gram(k: Tensor) -> Tensor:
+    """``H K H`` with ``H = I − 11ᵀ/n``."""
+    return k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
+
+
+def _cka_from_grams(k: Tensor, l: Tensor) -> Tensor:
+    kc, lc = _centre_gram(k), _centre_gram(l)
+    hsic = (kc * lc).sum()  # tr(KHLH), the 1/(n−1)² cancels in the ratio
+    return hsic / ((kc * kc).sum().sqrt() * (lc * lc).sum().sqrt()).clamp_min(_EPS)
+
+
+def _as_matrix(x: Tensor, name: str) -> Tensor:
+    if x.dim() < 2:
+        raise ValueError(f"{name} must be [N, D] (or [N, ...], flattened), got {tuple(x.shape)}")
+    return _work(x).flatten(1)
+
+
+def linear_cka(x: Tensor, y: Tensor) -> Tensor:
+    """Linear centred kernel alignment (Kornblith et al. 2019, Eq. 5 after centring):
+    ``‖YᵀX‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F)`` of column-centred ``x`` ``[N, D1]`` and ``y`` ``[N, D2]``.
+
+    A similarity in [0, 1], invariant to orthogonal transforms and isotropic scaling of either side;
+    widths may differ. Computed in feature space or, when cheaper, from the N×N Gram matrices.
+    """
+    x, y = _as_matrix(x, "x"), _as_matrix(y, "y")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"linear_cka: x has {x.shape[0]} rows and y {y.shape[0]}; they must be the same examples")
+    n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
+    if n * n > dx * dy:  # feature space: D1×D2 products
+        x, y = x - x.mean(0), y - y.mean(0)
+        num = (y.T @ x).pow(2).sum()
+        den = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
+        return num / den.clamp_min(_EPS)
+    return _cka_from_grams(x @ x.T, y @ y.T)
+
+
+def _rbf_gram(x: Tensor, sigma_frac: float) -> Tensor:
+    sq = x.pow(2).sum(1)
+    d2 = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp_min(0)
+    # official gram_rbf: σ² = threshold² · median of all squared distances (diagonal zeros included)
+    med = torch.quantile(d2.flatten(), 0.5)
+    return torch.exp(-d2 / (2 * sigma_frac**2 * med).clamp_min(_EPS))
+
+
+def rbf_cka(x: Tensor, y: Tensor, sigma_frac: float = 0.8) -> Tensor:
+    """CKA with Gaussian kernels (Kornblith et al. 2019, §4, their ``gram_rbf`` + ``cka``):
+    ``k(xi, xj) = exp(−‖xi − xj‖² / (2σ²))`` with ``σ = sigma_frac · sqrt(median squared distance)``
+    (the median over the whole N×N matrix, as in the official notebook), then
+    ``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))``. In [0, 1]; ``x`` ``[N, D1]``, ``y`` ``[N, D2]``.
+    """
+    x, y = _as_matrix(x, "x"), _as_matrix(y, "y")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"rbf_cka: x has {x.shape[0]} rows and y {y.shape[0]}; they must be the same examples")
+    return _cka_from_grams(_rbf_gram(x, sigma_frac), _rbf_gram(y, sigma_frac))
+
+
+def cka_loss(student: Tensor, teacher: Tensor, kernel: str = "linear", sigma_frac: float = 0.8) -> Tensor:
+    """``1 − CKA(student, teacher)`` over the batch (rows = samples): a width-free feature loss."""
+    if kernel == "linear":
+        return 1.0 - linear_cka(student, teacher)
+    if kernel == "rbf":
+        return 1.0 - rbf_cka(student, teacher, sigma_frac)
+    raise ValueError(f"cka kernel must be linear or rbf, not {kernel!r}")
