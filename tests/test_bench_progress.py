@@ -198,12 +198,12 @@ def test_tune_chooses_on_validation_and_runs_the_choice_for_every_seed(suite_dir
     write(suite_dir / "s.yaml", {"name": "t", "seeds": 2, "recipes": [
         {"recipe": "ce.yaml", "label": "ce", "tune": {"train.lr": lrs}}]})
     rows, out = run_suite(str(suite_dir / "s.yaml"), out=suite_dir / "t", progress=False)
-    val = [[h["val/accuracy"] for h in report.read_csv(out / f"ce-tune{i}-s0" / "history.csv") if "val/accuracy" in h][-1]
-           for i in range(2)]
+    names = ["ce-tune-train.lr_1e-09-s0", "ce-tune-train.lr_0.05-s0"]  # named by value: a grid can grow
+    val = [[h["val/accuracy"] for h in report.read_csv(out / n / "history.csv") if "val/accuracy" in h][-1] for n in names]
     assert val[0] != val[1]  # the two learning rates must be told apart for the check to mean anything
     chosen = lrs[max(range(2), key=lambda i: (val[i], -i))]
     best = [1.0e-9, 0.05].index(chosen)
-    assert rows[0].runs[0].run_dir.name == f"ce-tune{best}-s0"  # seed 0 is the chosen value's tuning run
+    assert rows[0].runs[0].run_dir.name == names[best]  # seed 0 is the chosen value's tuning run
     assert not (out / "ce-s0").exists()
     assert yaml.safe_load((out / "ce-s1" / "recipe.yaml").read_text())["train"]["lr"] == chosen
     assert f"train.lr={chosen} → {100 * max(val):.1f} (chosen)" in (out / "leaderboard.md").read_text()

@@ -19,7 +19,7 @@ Without ``steps`` each entry trains as its recipe says; the leaderboard states t
 
       - {recipe: arithmetic-grpo, label: grpo, tune: {train.lr: [3.0e-5, 1.0e-4, 3.0e-4]}}
 
-Every combination of the listed values trains on seed 0 (runs ``<label>-tune<i>-s0``); the one with the
+Every combination of the listed values trains on seed 0 (runs ``<label>-tune-<key>_<value>-s0``); the one with the
 best validation score at the end of training (``val/exact_match`` for language models,
 ``val/accuracy`` for classifiers; the first listed wins a tie) is then run for seeds 1, 2, ... (its
 tuning run is seed 0), and the leaderboard lists what was tried, the scores and the choice.
@@ -189,6 +189,12 @@ def tune_grid(tune: dict[str, list[Any]]) -> list[list[str]]:
     return [[f"{k}={json.dumps(v)}" for k, v in zip(keys, combo)] for combo in itertools.product(*tune.values())]
 
 
+def tune_run_name(label: str, sets: list[str]) -> str:
+    """A tuning run's folder, named by its values (``grpo-tune-train.lr_0.0001-s0``), so a grid that
+    grows later reuses the runs it already has."""
+    return run_folder_name(f"{label}-tune-{'-'.join(sets)}-s0")
+
+
 def with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
     return recipe_from_dict(apply_overrides(recipe.model_dump(mode="json", exclude={"base_dir"}), overrides),
                             base_dir=recipe.base_dir)
@@ -306,7 +312,7 @@ def run_suite(
             scores, results = [], []
             for i, sets in enumerate(grid):
                 res = run_recipe(with_overrides(r, sets).model_copy(update={"seed": 0}), out=out,
-                                 name=f"{run_folder_name(label)}-tune{i}-s0", progress=progress, refs_out=teachers)
+                                 name=tune_run_name(label, sets), progress=progress, refs_out=teachers)
                 scores.append(val_score(res))
                 results.append(res)
             best = max(range(len(grid)), key=lambda i: (scores[i], -i))
