@@ -26,12 +26,12 @@ def _distiller() -> HintonKD:
     return HintonKD(student, teacher, KDParams(), TaskInfo(num_classes=3, num_train=8, input_shape=(4,)))
 
 
-@pytest.mark.parametrize("noise_type", ["normal", "uniform"])
-def test_tram_perturbation_matches_an_independent_computation(noise_type):
+@pytest.mark.parametrize("noise_type,direction", [("normal", "gradient"), ("uniform", "gradient"), ("normal", "ones")])
+def test_tram_perturbation_matches_an_independent_computation(noise_type, direction):
     d = _distiller()
     w0, b0 = d.student.weight.detach().clone(), d.student.bias.detach().clone()
     params = list(d.student.parameters())
-    tram = TRAM(params, d, noise=0.5, noise_type=noise_type, scale=2.0)
+    tram = TRAM(params, d, noise=0.5, noise_type=noise_type, scale=2.0, direction=direction)
     g = torch.Generator().manual_seed(3)
     batch = {"x": torch.randn(8, 4, generator=g), "y": torch.randint(0, 3, (8,), generator=g), "index": torch.arange(8)}
     loss = sum(d(batch).losses.values())  # recorded by TRAM's hook
@@ -54,6 +54,8 @@ def test_tram_perturbation_matches_an_independent_computation(noise_type):
     rho = 2.0 * official
     norm = torch.sqrt((gw**2).sum() + (gb**2).sum())
     assert tram.last_radius == pytest.approx(rho.item(), rel=1e-4)  # float32 KL of nearby distributions
+    if direction == "ones":  # the official first_step: every weight moved by radius / ‖g‖
+        gw, gb = torch.ones_like(gw), torch.ones_like(gb)
     assert torch.allclose(d.student.weight.detach(), w0 + rho * gw / norm, atol=1e-6)
     assert torch.allclose(d.student.bias.detach(), b0 + rho * gb / norm, atol=1e-6)
 
@@ -92,7 +94,9 @@ def test_make_sharpness_options():
     sam = make_sharpness(TrainConfig(sharpness="sam", sam_rho=0.1), params)
     assert type(sam) is SAM and sam.radius() == 0.1
     tram = make_sharpness(TrainConfig(sharpness="tram", tram_noise=0.2, tram_scale=3.0), params, d)
-    assert isinstance(tram, TRAM) and (tram.noise, tram.scale) == (0.2, 3.0)
+    assert isinstance(tram, TRAM) and (tram.noise, tram.scale, tram.direction) == (0.2, 3.0, "gradient")
+    assert make_sharpness(TrainConfig(sharpness="tram", tram_direction="ones"), params, d).direction == "ones"
+    assert "tram_direction" not in TrainConfig().model_dump()  # absent unless set: run fingerprints unchanged
     with pytest.raises(RecipeError, match="tram"):
         make_sharpness(TrainConfig(sharpness="tram"), params)
 

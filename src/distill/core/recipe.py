@@ -90,6 +90,8 @@ class TrainConfig(Strict):
     sam_rho: float = Field(0.05, gt=0)
     tram_noise: float = Field(0.1, gt=0, description="TRAM-x input-noise scale (std, or half-width for uniform)")
     tram_noise_type: Literal["normal", "uniform"] = "normal"
+    tram_direction: Literal["gradient", "ones"] | None = Field(
+        None, description="TRAM's ε: along the gradient (absent: the paper's SAM step) or the official code's ones")
     tram_scale: float = Field(1.0, gt=0, description="TRAM radius = tram_scale · KL(f(x+z) ‖ f(x))")
     grad_accum: int = Field(1, ge=1)
     grad_clip: float | None = Field(None, gt=0)
@@ -107,7 +109,7 @@ class TrainConfig(Strict):
         None, gt=0, description="seconds between progress lines when stdout is not a terminal (default 30)")
     sampler: SamplerConfig | None = Field(None, description="domain-mixture sampling (default: epoch permutations)")
 
-    _optional: ClassVar[tuple[str, ...]] = ("sampler", "progress_every")
+    _optional: ClassVar[tuple[str, ...]] = ("sampler", "progress_every", "tram_direction")
 
     @field_validator("trackers")
     @classmethod

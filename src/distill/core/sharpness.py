@@ -19,6 +19,7 @@ class SAM:
     def __init__(self, params: list[nn.Parameter], rho: float = 0.05) -> None:
         self.params = [p for p in params if p.requires_grad]
         self.rho = rho
+        self.direction = "gradient"
         self._eps: list[torch.Tensor | None] = []
 
     def radius(self) -> float:
@@ -31,7 +32,8 @@ class SAM:
         scale = self.radius() / (norm + 1e-12)
         self._eps = []
         for p in self.params:
-            e = None if p.grad is None else p.grad * scale
+            # "ones": the official TRAM first_step's ε = scale · 1 (every weight moved by the same amount)
+            e = None if p.grad is None else (torch.ones_like(p) * scale if self.direction == "ones" else p.grad * scale)
             if e is not None:
                 p.add_(e)
             self._eps.append(e)
@@ -58,15 +60,18 @@ class TRAM(SAM):
     classes, so ``scale = 1`` is the official radius at any B and C (the batch-mean KL is B · C times it).
     Deviations from the official code: the noise is added to
     the inputs (the official code noises token embeddings; our tasks have no embedding layer);
-    ``ε`` follows the gradient direction (the official ``first_step`` multiplies the radius by a
-    tensor of ones instead of ``p.grad``, which we read as a bug, since the paper perturbs along
-    the SAM direction). The student's extra forward passes are not in the training graph; they run
+    ``ε`` follows the gradient direction by default (``direction="gradient"``, the paper's SAM
+    direction); the official ``first_step`` multiplies ``radius / ‖g‖`` by a tensor of ones instead
+    of ``p.grad`` (``direction="ones"``, ``train.tram_direction: ones``), which we read as a bug.
+    Measured on MNIST-1D (README, issue 12.6) the two directions gave the same accuracy within the
+    seeds' spread. The student's extra forward passes are not in the training graph; they run
     in the student's current (training) mode, as the official code's.
     """
 
     def __init__(self, params: list[nn.Parameter], distiller: nn.Module, noise: float = 0.1,
-                 noise_type: str = "normal", scale: float = 1.0) -> None:
+                 noise_type: str = "normal", scale: float = 1.0, direction: str = "gradient") -> None:
         super().__init__(params, rho=0.0)
+        self.direction = direction
         self.student, self.noise, self.noise_type, self.scale = distiller.student, noise, noise_type, scale
         self._inputs: list[torch.Tensor] = []
         distiller.register_forward_pre_hook(self._record)

@@ -98,7 +98,7 @@ def make_sharpness(cfg: TrainConfig, params: list[nn.Parameter], distiller: Dist
     if cfg.sharpness == "tram":  # TRAM's radius needs the student's outputs on the step's batches
         if distiller is None:
             raise RecipeError("train.sharpness: tram needs the distiller (pass it to make_sharpness)")
-        return TRAM(params, distiller, cfg.tram_noise, cfg.tram_noise_type, cfg.tram_scale)
+        return TRAM(params, distiller, cfg.tram_noise, cfg.tram_noise_type, cfg.tram_scale, cfg.tram_direction or "gradient")
     return None
 
 
