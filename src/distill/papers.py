@@ -46,7 +46,7 @@ _SEEDS: tuple[tuple[str, str, str, int | None, str], ...] = (
     ("S01", "Reinforcement-aware Knowledge Distillation for LLM Reasoning", "Zhang et al.", 2026, "2602.22495"),
     ("S02", "TRAM: Bridging Trust Regions and Sharpness Aware Minimization", "Sherborne et al.", 2023, "2310.03646"),
     ("S03", "FIRST: Teach A Reliable Large Language Model Through Efficient Trustworthy Distillation", "Shum et al.", 2024, "2408.12168"),
-    ("S04", "BD-KD: Balancing the Divergences for Online Knowledge Distillation", "", 2022, ""),
+    ("S04", "BD-KD: Balancing the Divergences for Online Knowledge Distillation", "Amara et al.", 2022, "2212.12965"),
     ("S05", "Masked Autoencoders Enable Efficient Knowledge Distillers", "", 2022, ""),
     ("S06", "ADPO: Anchored Direct Preference Optimization", "Wang", 2025, "2510.18913"),
     ("S07", "Federated Distillation on Edge Devices: Efficient Client-Side Filtering for Non-IID Data", "", 2025, "2508.14769"),
@@ -86,7 +86,7 @@ _SEEDS: tuple[tuple[str, str, str, int | None, str], ...] = (
     ("S41", "Self-Knowledge Distillation with Progressive Refinement of Targets", "Kim et al.", 2020, "2006.12000"),
     ("S42", "On the Generalization vs Fidelity Paradox in Knowledge Distillation", "Ramesh et al.", 2025, "2505.15442"),
     ("S43", "Knowledge Distillation with Adapted Weight", "Wu et al.", 2025, "2501.02705"),
-    ("S44", "Swing Distillation: A Privacy-Preserving Knowledge Distillation Framework", "", 2022, ""),
+    ("S44", "Swing Distillation: A Privacy-Preserving Knowledge Distillation Framework", "Li et al.", 2022, "2212.08349"),
     ("S45", "Generic-to-Specific Distillation of Masked Autoencoders", "", 2023, ""),
     ("S46", "Generating Synthetic Fair Syntax-agnostic Data by Learning and Distilling Fair Representation", "", 2024, "2408.10755"),
     ("S47", "Large Scale Diffusion Distillation via Score-Regularized Continuous-Time Consistency", "", 2025, ""),
@@ -132,6 +132,8 @@ PAPERS: dict[str, Paper] = {p.id: p for p in (*(Paper(*row) for row in _SEEDS), 
 METHOD_PAPERS: dict[str, tuple[str, ...]] = {
     # classifiers (distill/logits/methods)
     "ce": (),
+    "bdkd": ("S04",),
+    "swing": ("S44",),
     "kd": ("B1", "S35"),
     "dkd": ("B2", "S35"),
     "ferkd": ("S13",),
@@ -152,12 +154,16 @@ METHOD_PAPERS: dict[str, tuple[str, ...]] = {
     "seq_kd": ("Kim2016",),
     "gkd": ("B5",),
     "lm_taid": ("S60",),
+    "lm_swing": ("S44",),
     "lm_first": ("S03",),
     "grpo": ("Shao2024",),
     "gopd": ("S18",),
     "rlad": ("S01",),
     "redi": ("S10",),
     "adpo": ("S06",),
+    # features (distill/features/methods)
+    "ofa": ("S40",),
+    "dmae": ("S05",),
 }
 
 # Features that are not methods, for ``distill show ID`` ("used by").
