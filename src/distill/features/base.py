@@ -58,15 +58,18 @@ class FeatureDistiller(Distiller):
         t_shapes = feature_shapes(self.teacher, teacher_layers, x)
         return {s: self.add_projector(s, kind, s_shapes[s], t_shapes[t]) for s, t in zip(student_layers, teacher_layers)}
 
-    def teacher_features(self, tap: FeatureTap, *args, **kwargs) -> dict[str, Tensor]:
+    def teacher_features(self, tap: FeatureTap, *args, runner: nn.Module | None = None, **kwargs) -> dict[str, Tensor]:
         """The teacher's tapped features under inference mode (stopped after the last tapped layer when
-        ``tap.stop_after``), cloned so autograd may save them."""
+        ``tap.stop_after``), cloned so autograd may save them. ``runner`` (default: the teacher) is what
+        is called, a wrapper whose forward goes through the teacher's tapped layers (DMAE's forward on
+        the visible tokens only)."""
         assert self.teacher is not None
+        model = self.teacher if runner is None else runner
         if self.teacher_trainable:
-            tap.run(self.teacher, *args, **kwargs)
+            tap.run(model, *args, **kwargs)
             return {name: tap[name] for name in tap.layers}
         with torch.inference_mode():
-            tap.run(self.teacher, *args, **kwargs)
+            tap.run(model, *args, **kwargs)
         out = {name: tap[name].clone() for name in tap.layers}  # outside inference mode: normal tensors
         tap.clear()
         return out

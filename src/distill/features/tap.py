@@ -64,6 +64,20 @@ def default_layers(model: nn.Module) -> list[str]:
     return [f"{best[1]}.{i}" if best[1] else str(i) for i in range(best[0])]
 
 
+def flop_counter() -> Any:
+    """``torch.utils.flop_counter.FlopCounterMode`` (no display) that also counts CPU attention:
+    torch registers FLOPs for the CUDA ``scaled_dot_product_attention`` kernels only, so on CPU a
+    transformer's attention matmuls would count zero."""
+    from torch.utils import flop_counter as fcm
+
+    def sdpa(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return fcm.sdpa_flop_count(q, k, v)
+
+    cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    extra = {cpu: sdpa} if cpu is not None and hasattr(fcm, "sdpa_flop_count") else None
+    return fcm.FlopCounterMode(display=False, custom_mapping=extra)
+
+
 @dataclass
 class TapProfile:
     """What a stopped forward skipped: leaf modules (modules without children) and, when measured, FLOPs."""
@@ -192,9 +206,7 @@ class FeatureTap:
             try:
                 with torch.no_grad():
                     if flops:
-                        from torch.utils.flop_counter import FlopCounterMode
-
-                        with FlopCounterMode(display=False) as fc:
+                        with flop_counter() as fc:
                             self.run(root, *args, **kwargs)
                         return seen, fc.get_total_flops()
                     self.run(root, *args, **kwargs)
