@@ -142,3 +142,25 @@ def test_recipe_runs_online_and_resumes_exactly(tmp_runs):
     assert any(not torch.equal(final[k], v) for k, v in teacher_w.items())  # the teacher kept training
     for key in ("test/accuracy", "test/ece", "teacher/accuracy"):
         assert key in straight.metrics
+
+
+def test_validation_agreement_follows_an_online_teacher():
+    """The evaluator compares with the teacher as it is now when the teacher trains (bdkd), and with the
+    logits computed once when it is frozen."""
+    from torch import nn
+
+    from distill.tasks.base import ArrayDataset
+    from distill.tasks.ops import evaluator
+
+    g = torch.Generator().manual_seed(0)
+    data = ArrayDataset(torch.randn(64, 5, generator=g), torch.randint(0, 3, (64,), generator=g))
+    student, teacher = nn.Linear(5, 3), nn.Linear(5, 3)
+    frozen = nn.Linear(5, 3).requires_grad_(False)
+    online_eval, frozen_eval = evaluator(data, teacher), evaluator(data, frozen)
+    before = frozen_eval(student)["agreement"]
+    with torch.no_grad():
+        for m in (teacher, frozen):
+            m.weight.copy_(student.weight)
+            m.bias.copy_(student.bias)
+        assert online_eval(student)["agreement"] == 1.0  # the teacher as it is now
+        assert frozen_eval(student)["agreement"] == before  # cached at the start

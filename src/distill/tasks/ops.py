@@ -76,10 +76,12 @@ def check_classes(model: nn.Module, num_classes: int, who: str) -> None:
 
 
 def evaluator(data: ArrayDataset, teacher: nn.Module | None):
-    t_logits = predict(teacher, data.x) if teacher is not None else None
+    # a frozen teacher's logits once; an online teacher (``teacher_trainable``, e.g. bdkd) changes: each time
+    online = teacher is not None and any(p.requires_grad for p in teacher.parameters())
+    t_logits = predict(teacher, data.x) if teacher is not None and not online else None
 
     def evaluate(model: nn.Module) -> dict[str, float]:
-        return classifier_metrics(predict(model, data.x), data.y, t_logits)
+        return classifier_metrics(predict(model, data.x), data.y, predict(teacher, data.x) if online else t_logits)
 
     return evaluate
 
