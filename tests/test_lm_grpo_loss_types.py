@@ -6,7 +6,6 @@ bounds and the KL weight) into their loss."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import statistics
 
@@ -15,11 +14,18 @@ import torch
 
 from distill.core.recipe import recipe_from_dict
 from distill.errors import RecipeError
-from distill.lm.data.tasks import ArithmeticParams, build_arithmetic
-from distill.lm.data.text import IGNORE_INDEX, tiny_causal_lm
+from distill.lm.data.text import IGNORE_INDEX
 from distill.lm.methods.gopd import GOPD, GOPDParams
 from distill.lm.methods.grpo import GRPO, GRPOParams
 from distill.lm.policy import clipped_policy_loss, group_advantages, reward_std
+from policy_helpers import grads as _grads, parity_task, prepare as _prepare, row_logprobs as _row_logprobs
+from policy_helpers import tiny_lm as _lm
+
+
+@pytest.fixture(scope="module")
+def parity():
+    return parity_task()
+
 
 MAX_NEW = 10
 LOSS_TYPES = ["dapo", "grpo", "bnpo", "dr_grpo"]
@@ -162,26 +168,6 @@ def test_scale_rewards_by_hand():
         group_advantages(rewards, groups, scale="max")
 
 
-@pytest.fixture(scope="module")
-def parity():
-    """Arithmetic with a verifier that accepts completions of even length: rewards of both kinds."""
-    data = build_arithmetic(ArithmeticParams(num_train=32, num_val=8, num_test=8, eval_size=4))
-    return dataclasses.replace(data, verify=lambda text, ref: len(text) % 2 == 0)
-
-
-def _lm(tok, seed: int):
-    return tiny_causal_lm(None, 16, 1, 2, tok, seed=seed)
-
-
-def _prepare(method, data, groups, seed: int = 0):
-    torch.manual_seed(seed)
-    batches = method.prepare_batches([data.train.__getitems__(g) for g in groups])
-    n = torch.tensor(float(sum(method.count_items(b) for b in batches)))
-    for b in batches:
-        b["num_items"] = n
-    return batches
-
-
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_grpo_scale_rewards_over_the_step(parity, scale):
     method = GRPO(_lm(parity.tokenizer, 0), None, GRPOParams(group_size=4, max_new_tokens=MAX_NEW,
@@ -218,17 +204,6 @@ def test_scale_rewards_is_for_verifier_methods_and_recipes_check_the_values(pari
 # ------------------------------------------------------------------------------------------ methods
 
 
-def _row_logprobs(model, batch):
-    """Per row, the log-probs of its supervised tokens (float64, autograd), by a loop over positions."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
-    rows = []
-    for r in range(logits.shape[0]):
-        lp = torch.log_softmax(logits[r], -1)
-        pos = [i for i in range(logits.shape[1] - 1) if batch["labels"][r, i + 1] != IGNORE_INDEX]
-        rows.append(torch.stack([lp[i, batch["labels"][r, i + 1]] for i in pos]))
-    return rows
-
-
 def _per_row(batch, key):
     mask = batch["labels"][:, 1:] != IGNORE_INDEX
     return [batch[key][r][mask[r]].double() for r in range(mask.shape[0])]
@@ -241,12 +216,6 @@ def _reduce_rows(loss_type, rows, num_tokens, num_seqs):
     if loss_type == "grpo":
         return sum(r.sum() / len(r) for r in rows) / num_seqs
     return sum(r.sum() for r in rows) / (num_seqs * MAX_NEW)
-
-
-def _grads(model):
-    out = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return out
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)

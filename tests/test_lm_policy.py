@@ -32,7 +32,15 @@ from distill.lm.policy import (
 )
 from distill.lm.methods.rlad import RLAD, RLADParams
 from distill.lm.data.tasks import ArithmeticParams, build_arithmetic
-from distill.lm.data.text import IGNORE_INDEX, tiny_causal_lm
+from distill.lm.data.text import IGNORE_INDEX
+from policy_helpers import assert_grads_close as _assert_grads_close, grads as _grads, parity_task, prepare as _prepare
+from policy_helpers import row_logprobs as _row_logprobs, tiny_lm as _lm
+
+
+@pytest.fixture(scope="module")
+def parity():
+    return parity_task()
+
 
 MAX_NEW = 10
 
@@ -40,53 +48,6 @@ MAX_NEW = 10
 @pytest.fixture(scope="module")
 def data():
     return build_arithmetic(ArithmeticParams(num_train=32, num_val=8, num_test=8, eval_size=4))
-
-
-@pytest.fixture(scope="module")
-def parity(data):
-    """The task with a verifier that accepts completions of even length: a random student gets rewards of
-    both kinds, so advantages are not all zero."""
-    return dataclasses.replace(data, verify=lambda text, ref: len(text) % 2 == 0)
-
-
-def _lm(tok, seed: int):
-    return tiny_causal_lm(None, 16, 1, 2, tok, seed=seed)
-
-
-def _items(method, batches):
-    n = torch.tensor(float(sum(method.count_items(b) for b in batches)))
-    for b in batches:
-        b["num_items"] = n
-    return batches
-
-
-def _prepare(method, data, groups, seed: int = 0):
-    torch.manual_seed(seed)
-    return _items(method, method.prepare_batches([data.train.__getitems__(g) for g in groups]))
-
-
-def _grads(model) -> dict[str, torch.Tensor]:
-    out = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return out
-
-
-def _assert_grads_close(a, b, rtol=1e-4, atol=1e-7):
-    assert a.keys() == b.keys() and a
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
-
-
-def _row_logprobs(model, batch, temperature: float = 1.0):
-    """Per row, the log-probs of its supervised tokens from one forward pass, in float64, by a loop over the
-    completion positions (no ``token_logprobs``): list of 1-d tensors, with autograd."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
-    rows = []
-    for r in range(logits.shape[0]):
-        lp = torch.log_softmax(logits[r] / temperature, -1)
-        pos = [i for i in range(logits.shape[1] - 1) if batch["labels"][r, i + 1] != IGNORE_INDEX]
-        rows.append(torch.stack([lp[i, batch["labels"][r, i + 1]] for i in pos]))
-    return rows
 
 
 def _rows(batch, key: str):

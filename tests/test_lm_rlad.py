@@ -4,62 +4,24 @@ independently written loop over the paper's ratio ``(π/π_old)^α·(π/π_T)^(1
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 import torch
 
-from distill.lm.data.tasks import ArithmeticParams, build_arithmetic
-from distill.lm.data.text import IGNORE_INDEX, tiny_causal_lm
+from distill.lm.data.text import IGNORE_INDEX
 from distill.lm.methods.grpo import GRPO, GRPOParams
 from distill.lm.methods.rlad import RLAD, RLADParams, trrd_anchor_logprobs
-
-MAX_NEW = 10
+from policy_helpers import assert_grads_close as _assert_grads_close, grads as _grads, parity_task, prepare as _prepare
+from policy_helpers import row_logprobs as _row_logprobs, tiny_lm as _lm
 
 
 @pytest.fixture(scope="module")
 def parity():
-    """Arithmetic with a verifier that accepts completions of even length: a random student gets rewards of
-    both kinds, so advantages are not all zero."""
-    data = build_arithmetic(ArithmeticParams(num_train=32, num_val=8, num_test=8, eval_size=4))
-    return dataclasses.replace(data, verify=lambda text, ref: len(text) % 2 == 0)
+    return parity_task()
 
 
-def _lm(tok, seed: int):
-    return tiny_causal_lm(None, 16, 1, 2, tok, seed=seed)
-
-
-def _prepare(method, data, groups, seed: int = 0):
-    torch.manual_seed(seed)
-    batches = method.prepare_batches([data.train.__getitems__(g) for g in groups])
-    n = torch.tensor(float(sum(method.count_items(b) for b in batches)))
-    for b in batches:
-        b["num_items"] = n
-    return batches
-
-
-def _grads(model) -> dict[str, torch.Tensor]:
-    out = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return out
-
-
-def _assert_grads_close(a, b, rtol=1e-4, atol=1e-7):
-    assert a.keys() == b.keys() and a
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
-
-
-def _row_logprobs(model, batch, temperature: float):
-    """Per row, the log-probs of its completion tokens at ``temperature``, float64, by a loop over positions."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
-    rows = []
-    for r in range(logits.shape[0]):
-        lp = torch.log_softmax(logits[r] / temperature, -1)
-        pos = [i for i in range(logits.shape[1] - 1) if batch["labels"][r, i + 1] != IGNORE_INDEX]
-        rows.append(torch.stack([lp[i, batch["labels"][r, i + 1]] for i in pos]))
-    return rows
+MAX_NEW = 10
 
 
 def test_defaults_are_the_papers_form():
