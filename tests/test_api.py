@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 import torch
 from torch import nn
 
@@ -41,25 +42,38 @@ def test_every_shipped_recipe_validates(name):
     assert r.name == name
 
 
+LM_OR_OWN_TEST = ("arithmetic-", "pytext-", "sentences-")  # language models and the MiniLM showcase: own tests
+
+
+def _shortened(ref, sets: list[str], folder, i: int):
+    """A teacher/init reference whose recipe (a name, a path or inline) is shortened like the recipe itself,
+    written to ``folder``; a list of references (``sources``) each; other kinds as they are."""
+    from distill.core.recipe import apply_overrides, recipe_from_dict
+
+    if ref is None:
+        return None
+    if getattr(ref, "sources", None):
+        return ref.model_copy(update={"sources": [_shortened(r, sets, folder, 10 * i + j) for j, r in enumerate(ref.sources)]})
+    if ref.recipe is None:
+        return ref
+    t = recipe_from_dict(apply_overrides(ref.recipe, sets)) if isinstance(ref.recipe, dict) else load_recipe(ref.recipe, sets)
+    t = t.model_copy(update={"teacher": _shortened(t.teacher, sets, folder, 100 * i + 1)})
+    (folder / f"t{i}.yaml").write_text(yaml.safe_dump(t.resolved()))
+    return ref.model_copy(update={"recipe": str(folder / f"t{i}.yaml")})
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in shipped_recipes() if n.startswith(("mnist1d-", "digits-"))])
+@pytest.mark.parametrize("name", [n for n in shipped_recipes() if not n.startswith(LM_OR_OWN_TEST)])
 def test_every_shipped_recipe_runs_shortened(name, tmp_path):
-    """Each shipped recipe end to end with its own method and model, shortened to one small epoch."""
+    """Each shipped recipe end to end with its own method and model, shortened to one small epoch (its
+    teachers too): it trains, and reports test metrics (accuracy in [0, 1] where it has one)."""
     r = load_recipe(name)
     small = {"num_train": 200, "num_val": 50, "num_test": 100, "num_transfer": 200} if r.task.name.startswith("mnist1d") else {}
     sets = [f"task.{k}={v}" for k, v in small.items() if k in r.task.params] + [
         "train.epochs=1", "train.progress=false", "train.trackers=none"]
     r = load_recipe(name, sets)
-    if r.teacher is not None and r.teacher.recipe is not None:
-        if isinstance(r.teacher.recipe, dict):  # an inline teacher recipe (mnist1d-bdkd's)
-            from distill.core.recipe import apply_overrides, recipe_from_dict
-
-            t = recipe_from_dict(apply_overrides(r.teacher.recipe, sets))
-        else:
-            t = load_recipe(r.teacher.recipe, [s for s in sets])
-        import yaml
-
-        (tmp_path / "t.yaml").write_text(yaml.safe_dump(t.resolved()))
-        r = r.model_copy(update={"teacher": r.teacher.model_copy(update={"recipe": str(tmp_path / "t.yaml")})})
+    r = r.model_copy(update={"teacher": _shortened(r.teacher, sets, tmp_path, 0)})
     res = run_recipe(r, out=tmp_path / "runs")
-    assert 0.0 <= res.metrics["test/accuracy"] <= 1.0
+    assert any(k.startswith("test/") for k in res.metrics)
+    if "test/accuracy" in res.metrics:
+        assert 0.0 <= res.metrics["test/accuracy"] <= 1.0

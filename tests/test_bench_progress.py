@@ -15,7 +15,8 @@ import pytest
 import yaml
 from conftest import tiny_recipe, tiny_teacher
 
-from distill.bench.suite import cell, run_suite
+from distill.bench.leaderboard import cell
+from distill.bench.suite import run_suite
 from distill.core.recipe import TrainConfig, recipe_from_dict
 from distill.core.runner import run_recipe
 from distill.core.trainer import _Bar, run_label
@@ -262,3 +263,39 @@ def test_unknown_baseline_is_refused_before_training(suite_dir):
     with pytest.raises(RecipeError, match=r"baseline 'cee' is not an entry's label \(did you mean 'ce'\?\)"):
         run_suite(str(suite_dir / "s.yaml"), out=suite_dir / "p", progress=False)
     assert not (suite_dir / "p").exists()
+
+
+def test_suite_metrics_and_a_suite_of_suites(suite_dir):
+    """A suite's own ``metrics`` (the first is the main: table, Δ, tune on its val/ form, lower-is-better
+    respected) and ``parts``: each part's leaderboard in <out>/<part>, one shared teacher, an index."""
+    nll = {"key": "test/nll", "title": "NLL", "higher": False}
+    write(suite_dir / "p1.yaml", {"name": "p1", "seeds": 1, "metrics": [nll, {"key": "test/accuracy"}], "baseline": "ce",
+                                  "recipes": ["ce.yaml", {"recipe": "kd.yaml", "tune": {"train.lr": [1e-9, 0.01]}}]})
+    write(suite_dir / "p2.yaml", {"name": "p2", "seeds": 1, "recipes": ["kd.yaml"]})
+    write(suite_dir / "all.yaml", {"name": "all", "description": "both parts", "parts": ["p1", "p2"]})
+    from distill.bench.suite import run_suites
+
+    results, out = run_suites(str(suite_dir / "all.yaml"), out=suite_dir / "all", progress=False)
+    assert [p.name for p, _, _ in results] == ["p1", "p2"]
+    assert len(list((out / "_teachers").iterdir())) == 1  # one teacher for both parts
+    rows = results[0][1]
+    kd = rows[1]
+    # tune chose on val/nll, lower is better: the chosen value is the one with the lower NLL
+    tried = {part.split(" → ")[0].removeprefix("kd: "): part for part in kd.tuned.split(", ")}
+    nlls = {k: float(v.split(" → ")[1].split()[0]) for k, v in tried.items()}
+    assert len(nlls) == 2 and len(set(nlls.values())) == 2
+    best = min(nlls, key=nlls.get)
+    assert "(chosen)" in tried[best]
+    assert yaml.safe_load((kd.runs[0].run_dir / "recipe.yaml").read_text())["train"]["lr"] == float(best.split("=")[1])
+    md = (out / "p1" / "leaderboard.md").read_text()
+    assert "| method | NLL | Δ NLL vs ce (paired) | accuracy | time (s) |" in md
+    index = (out / "leaderboard.md").read_text()
+    assert "## p1" in index and "## p2" in index and "[Full leaderboard](p1/leaderboard.md)" in index
+    assert f"| kd | {cell(kd, 'test/nll')} |" in index
+    with open(out / "index.csv") as f:
+        got = list(csv.DictReader(f))
+    assert [(r["suite"], r["method"], r["metric"]) for r in got] == [
+        ("p1", "ce", "test/nll"), ("p1", "kd", "test/nll"), ("p2", "kd", "test/accuracy")]
+    with pytest.raises(RecipeError, match="either recipes or parts"):
+        write(suite_dir / "bad.yaml", {"name": "bad", "parts": ["p1"], "recipes": ["ce.yaml"]})
+        run_suites(str(suite_dir / "bad.yaml"), out=suite_dir / "bad", progress=False)

@@ -206,6 +206,103 @@ def hacking(
     out_console.print(f"{paths['png'].name}, {paths['csv'].name} and {paths['md'].name} in {out}/", highlight=False)
 
 
+@app.command("search-student")
+def search_student(
+    teacher: str = typer.Argument(..., help="a teacher recipe (name or file) or a finished teacher run folder"),
+    candidates: str = typer.Option("grid", "--candidates", help="'grid' (12 convnet/mlpnet/vit students of "
+                                   "varied size), 'budget' (10 of 2.7k-6.5k parameters on digits) or a YAML list of "
+                                   "{arch: ..., <params>, label: ...}"),
+    out: Path = typer.Option(Path("runs/diswot"), "--out", help="folder for diswot.md, diswot.csv, diswot.json "
+                             "(+ diswot.png with --train)"),
+    train: bool = typer.Option(False, "--train", help="distil every candidate with kd and report the rank correlation "
+                               "of the score with its test accuracy"),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="where the candidates' KD runs and a teacher recipe train"),
+    name: str = typer.Option("diswot", "--name", help="prefix of the candidates' run folders (<runs>/<name>-<label>)"),
+    set_: list[str] = typer.Option([], "--set", help="a key of every candidate's KD recipe, e.g. --set train.epochs=30"),
+    batch_size: int = typer.Option(64, "--batch-size", min=2, help="the one batch the score is computed on"),
+    seed: int = typer.Option(0, "--seed", help="seed of the batch, the initialisations and the KD runs"),
+    semantic: str = typer.Option("auto", "--semantic", help="auto | ickd (official, equal widths) | class (any widths)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an --out folder this command wrote"),
+) -> None:
+    """DisWOT (S59): rank candidate students for TEACHER without training, by the similarity of their
+    features and classifier gradients to the teacher's at random initialisation on one batch; with
+    --train, check the ranking against their accuracy after KD (Spearman, Kendall)."""
+    from distill.errors import RecipeError
+    from distill.core.rundir import check_tool_out
+    from distill.features.tools.diswot import MARKER, search_students, write_outputs
+
+    try:
+        if semantic not in ("auto", "ickd", "class"):
+            raise RecipeError(f"--semantic '{semantic}': use auto, ickd or class")
+        check_tool_out(out, MARKER, overwrite)
+        res = search_students(teacher, candidates, train=train, runs=runs, name=name, batch_size=batch_size,
+                              seed=seed, semantic=semantic, train_set=set_,
+                              progress=lambda m: err_console.print(m, highlight=False))
+        folder = write_outputs(res, out, overwrite)
+    except DistillError as err:
+        _fail(err)
+    table = Table(title=f"DisWOT ranking of {len(res.rows)} students for {teacher} (higher score = predicted better)")
+    for c in ("rank", "candidate", "params", "score", "−SP", "−semantic") + (("KD accuracy",) if train else ()):
+        table.add_column(c, justify="left" if c == "candidate" else "right", no_wrap=True)
+    for r in sorted(res.rows, key=lambda r: r.rank):
+        cells = [str(r.rank), r.label, str(r.params), f"{r.score:.4g}", f"{-r.relation:.4g}", f"{-r.semantic:.4g}"]
+        table.add_row(*cells, *((f"{100 * r.accuracy:.2f} %",) if train else ()))
+    Console(width=max(out_console.width, 110)).print(table)
+    for k, v in res.correlations.items():
+        out_console.print(f"{k:<18} Spearman {v['spearman']:+.3f}  Kendall {v['kendall']:+.3f}", highlight=False)
+    out_console.print(f"diswot.md, diswot.csv{', diswot.png' if train else ''} in {folder}/", highlight=False)
+
+
+@app.command("prune-layers")
+def prune_layers(
+    model: str = typer.Argument(..., help="an HF causal-LM folder, a run folder, or an LM recipe (e.g. pytext-teacher)"),
+    drop: int = typer.Option(..., "--drop", min=1, help="contiguous decoder layers to remove"),
+    out: Path = typer.Option(..., "--out", help="the pruned HF model folder (+ ppcl.md, ppcl_layers.csv, ppcl.png)"),
+    distill_steps: int = typer.Option(200, "--distill-steps", min=0, help="layer-wise distillation steps (0: none)"),
+    mode: str = typer.Option("teacher_forced", "--mode", help="teacher_forced (PPCL's non-sequential) | sequential"),
+    span: Optional[int] = typer.Option(None, "--span", min=0, help="drop the span starting at this layer instead of "
+                                       "the best-scored one"),
+    baselines: bool = typer.Option(False, "--baselines", help="also drop (and distil) the last span and a random one"),
+    task: Optional[str] = typer.Option(None, "--task", help="the data of a bare model folder (e.g. jsonl)"),
+    task_set: list[str] = typer.Option([], "--task-set", help="a task parameter (e.g. train=FILE), or with a recipe "
+                                       "a recipe key (e.g. student.layers=8)"),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="where a recipe is trained (<runs>/_teachers)"),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    probe_tokens: int = typer.Option(4096, "--probe-tokens", min=16, help="training tokens for the CKA and probes"),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", min=1, help="test sequences for the perplexities "
+                                             "(default: all)"),
+    seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an --out folder this command wrote"),
+) -> None:
+    """PPCL (S15): find the most redundant span of DROP contiguous layers (linear probes + the CKA trend
+    along depth), remove it, distil the pruned model layer-wise from the full one; writes an HF folder."""
+    from distill.errors import RecipeError
+    from distill.core.rundir import check_tool_out
+    from distill.features.tools.ppcl import MARKER, run_ppcl, write_outputs
+
+    try:
+        if mode not in ("teacher_forced", "sequential"):
+            raise RecipeError(f"--mode '{mode}': use teacher_forced or sequential")
+        check_tool_out(out, MARKER, overwrite)
+        res, pruned, data = run_ppcl(model, drop, distill_steps, mode=mode, span=span, task=task, task_set=task_set,
+                                     runs=runs, seed=seed, baselines=baselines, lr=lr, batch_size=batch_size,
+                                     probe_tokens=probe_tokens, eval_limit=eval_limit,
+                                     progress=lambda m: err_console.print(m, highlight=False))
+        folder = write_outputs(res, pruned, data, out, overwrite)
+    except DistillError as err:
+        _fail(err)
+    table = Table(title=f"{res.layers} layers -> {res.layers - res.drop}; full model test perplexity {res.teacher_ppl:.3f}")
+    for c in ("dropped", "chosen by", "perplexity dropped", f"after {res.steps} steps"):
+        table.add_column(c, justify="right", no_wrap=True)
+    for r in res.runs:
+        after = f"{r.ppl_distilled:.3f}" if r.ppl_distilled is not None else "—"
+        table.add_row(f"{r.start}..{r.start + res.drop - 1}", r.name, f"{r.ppl_dropped:.3f}", after)
+    out_console.print(table)
+    out_console.print(f"pruned model ({res.params_pruned} parameters), ppcl.md, ppcl_layers.csv, ppcl.png in {folder}/",
+                      highlight=False, soft_wrap=True)
+
+
 @app.command("list")
 def list_() -> None:
     """Methods, tasks, architectures, model references, plug-ins, shipped recipes and suites, one line each."""
@@ -262,38 +359,41 @@ def eval_(run_dir: Path = typer.Argument(..., help="a finished run folder")) -> 
 
 def _bench(suite: str, seeds: Optional[int], out: Optional[Path], set_: list[str],
            teachers: Optional[Path] = None) -> None:
-    from distill.bench.suite import run_suite
+    from distill.bench.leaderboard import cell, columns, profile, teacher_metrics
+    from distill.bench.suite import run_suites
 
     def on_run(label: str, seed: int, res) -> None:
         m = res.metrics
-        if "test/accuracy" in m:
+        if "test/accuracy" in m and "test/ece" in m:
             shown = f"accuracy {100 * m['test/accuracy']:.2f} %  ECE {m['test/ece']:.4f}"
-        else:
-            shown = f"exact match {100 * m.get('test/exact_match', float('nan')):.2f} %  perplexity {m['test/perplexity']:.3f}"
+        elif "test/exact_match" in m:
+            shown = f"exact match {100 * m['test/exact_match']:.2f} %  perplexity {m['test/perplexity']:.3f}"
+        else:  # a task of its own: its first test metrics
+            shown = "  ".join(f"{k.removeprefix('test/')} {v:.4g}" for k, v in list(m.items()) if k.startswith("test/"))[:80]
         out_console.print(f"  [green]✓[/] {label:<14} seed {seed}  {shown}  ({m.get('time/train_s', 0):.1f} s)",
                           highlight=False)
 
     try:
-        rows, folder = run_suite(suite, out=out, seeds=seeds, overrides=set_, on_run=on_run, teachers=teachers)
+        results, folder = run_suites(suite, out=out, seeds=seeds, overrides=set_, on_run=on_run, teachers=teachers)
     except DistillError as err:
         _fail(err)
-    from distill.bench.suite import cell, columns, profile, teacher_metrics
-
-    n = len(rows[0].runs)
-    table = Table(title=f"leaderboard ({n} seeds, mean ± std, test split)" if n > 1 else
-                  "leaderboard (one seed, test split)")
-    table.add_column("method", no_wrap=True)
-    cols = columns(rows)
-    for _, title, _ in cols:
-        table.add_column(title, justify="right", no_wrap=True)
-    for row in rows:
-        table.add_row(row.label, *(cell(row, key) for key, _, _ in cols))
-    wide = Console(width=max(out_console.width, 30 + 20 * len(cols)))
-    wide.print(table)
-    t = teacher_metrics(rows)
-    if t:
-        wide.print(profile(rows).teacher_line(t), highlight=False)
-    wide.print(f"leaderboard.md, leaderboard.csv and plots in {folder}/", highlight=False)
+    for part, rows, _ in results:
+        n = len(rows[0].runs)
+        table = Table(title=f"{part.name} ({n} seeds, mean ± std, test split)" if n > 1 else
+                      f"{part.name} (one seed, test split)")
+        table.add_column("method", no_wrap=True)
+        prof = profile(rows, part.metrics)
+        cols = columns(rows, prof)
+        for _, title, _ in cols:
+            table.add_column(title, justify="right", no_wrap=True)
+        for row in rows:
+            table.add_row(row.label, *(cell(row, key) for key, _, _ in cols))
+        wide = Console(width=max(out_console.width, 30 + 20 * len(cols)))
+        wide.print(table)
+        t = teacher_metrics(rows)
+        if t:
+            wide.print(prof.teacher_line(t), highlight=False)
+    out_console.print(f"leaderboard.md, leaderboard.csv and plots in {folder}/", highlight=False)
 
 
 @app.command()
@@ -471,11 +571,12 @@ def papers() -> None:
     """Every paper id cited in docstrings, recipes and the README: title, authors, year, arXiv id."""
     from distill import papers as P
 
+    width = max(len(p.id) for p in P.PAPERS.values()) + 1
     for p in P.PAPERS.values():
         users = [u.removeprefix("method ") for u in P.used_by(p.id)]
         used = f"  [{', '.join(users)}]" if users else ""
         cite = p.cite() if p.cite() != "—" else (p.note or "—")
-        out_console.print(f"{p.id:<9}{p.title}  ({cite}){used}", highlight=False, soft_wrap=True, markup=False)
+        out_console.print(f"{p.id:<{width}}{p.title}  ({cite}){used}", highlight=False, soft_wrap=True, markup=False)
 
 
 def main() -> None:  # pragma: no cover

@@ -101,7 +101,7 @@ _SEEDS: tuple[tuple[str, str, str, int | None, str], ...] = (
     ("S56", "SANA-Sprint: One-Step Diffusion with Continuous-Time Consistency Distillation", "", 2025, ""),
     ("S57", "Distilling Diversity and Control in Diffusion Models", "", 2025, ""),
     ("S58", "Efficient Dataset Distillation through Alignment with Smooth and High-Quality Expert Trajectories", "", 2023, ""),
-    ("S59", "DisWOT: Student Architecture Search for Distillation WithOut Training", "", 2023, ""),
+    ("S59", "DisWOT: Student Architecture Search for Distillation WithOut Training", "Dong et al.", 2023, "2303.15678"),
     ("S60", "TAID: Temporally Adaptive Interpolated Distillation for Efficient Knowledge Transfer in Language Models", "Shing et al.", 2025, "2501.16937"),
 )
 
@@ -123,6 +123,17 @@ _OTHERS: tuple[Paper, ...] = (
     Paper("Kim2016", "Sequence-Level Knowledge Distillation", "Kim & Rush", 2016, "1606.07947"),
     Paper("Shao2024", "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
           "Shao et al.", 2024, "2402.03300", note="introduces GRPO"),
+    # the classic feature methods (issue 15); keyed by the venue year, the year field is the arXiv one
+    Paper("Romero2015", "FitNets: Hints for Thin Deep Nets", "Romero et al.", 2014, "1412.6550"),
+    Paper("Zagoruyko2017", "Paying More Attention to Attention: Improving the Performance of Convolutional Neural "
+          "Networks via Attention Transfer", "Zagoruyko & Komodakis", 2016, "1612.03928"),
+    Paper("Passalis2018", "Learning Deep Representations with Probabilistic Knowledge Transfer", "Passalis & Tefas",
+          2018, "1803.10837"),
+    Paper("Park2019", "Relational Knowledge Distillation", "Park et al.", 2019, "1904.05068"),
+    Paper("Tung2019", "Similarity-Preserving Knowledge Distillation", "Tung & Mori", 2019, "1907.09682"),
+    Paper("Ahn2019", "Variational Information Distillation for Knowledge Transfer", "Ahn et al.", 2019, "1904.05835"),
+    Paper("Tian2020", "Contrastive Representation Distillation", "Tian et al.", 2019, "1910.10699"),
+    Paper("Chen2021", "Distilling Knowledge via Knowledge Review", "Chen et al.", 2021, "2104.09044"),
 )
 
 PAPERS: dict[str, Paper] = {p.id: p for p in (*(Paper(*row) for row in _SEEDS), *_BASELINES, *_OTHERS)}
@@ -164,6 +175,26 @@ METHOD_PAPERS: dict[str, tuple[str, ...]] = {
     # features (distill/features/methods)
     "ofa": ("S40",),
     "dmae": ("S05",),
+    "g2sd": ("S45",),
+    "acam": ("S53",),
+    "sr_train": ("S34",),
+    "sr_kd": ("S34",),
+    "multi_source": ("S22",),
+    "fair_vae": ("S46",),
+    "fair_latent": ("S46",),
+    "clock": ("S39",),
+    "pointdistiller": ("S20",),
+    "calico": ("S55",),
+    "detr_kd": (),
+    "detr_train": (),
+    "fitnet": ("Romero2015",),
+    "at": ("Zagoruyko2017",),
+    "pkt": ("Passalis2018",),
+    "rkd": ("Park2019",),
+    "sp": ("Tung2019",),
+    "vid": ("Ahn2019",),
+    "crd": ("Tian2020",),
+    "reviewkd": ("Chen2021",),
 }
 
 # Features that are not methods, for ``distill show ID`` ("used by").
@@ -176,6 +207,8 @@ FEATURE_PAPERS: dict[str, tuple[str, ...]] = {
     "distill analyze-traces": ("S19", "S51"),
     "distill hacking": ("S21",),
     "standardize: true (kd, dkd)": ("S35",),
+    "distill search-student": ("S59",),
+    "distill prune-layers": ("S15",),
 }
 
 

@@ -30,27 +30,33 @@ randomness). A teacher (or init) recipe keeps its own seed, unless the reference
 ``<teachers>/_teachers/<name>-<fingerprint>``, and shared by every seed and entry that names it. An entry
 whose recipe and seed were already trained there (the start of the others) reuses that run. ``teachers`` defaults to ``runs`` (the teachers ``distill run`` trains) when
 no ``out`` is given, else to ``out``. Finished runs with an identical resolved recipe are reused.
+
+``metrics`` (optional) names the test metrics of a task that is neither a classifier nor a language
+model, the first the main one (bars, paired Δ, ``tune`` on its ``val/`` form)::
+
+    metrics: [{key: test/psnr, title: PSNR}, {key: test/loss, higher: false}]
+
+``parts`` (instead of ``recipes``) makes a suite of suites: each part (a shipped suite or one beside this
+file) runs into ``<out>/<part>`` with its own leaderboard, and ``<out>/leaderboard.md`` indexes their
+main metrics (``distill bench features``: each method on its own task).
 """
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import math
 import os
 import re
-import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from distill.core import report
+from distill.bench.leaderboard import Metric, Row, write_index, write_leaderboard
 from distill.core.recipe import Recipe, Strict, apply_overrides, load_recipe, recipe_from_dict
 from distill.core.registry import METHODS
 from distill.core.rundir import check_run_name
@@ -58,57 +64,6 @@ from distill.core.refs import trained_folder
 from distill.core.runner import RunResult, build_task, finished_run, run_recipe, task_ops
 from distill.core.trainer import EpochBatches
 from distill.errors import MissingFileError, RecipeError, did_you_mean
-
-COLUMNS = [
-    ("test/accuracy", "accuracy", True),
-    ("test/ece", "ECE", False),
-    ("test/nll", "NLL", False),
-    ("test/agreement", "agreement", True),
-    ("test/kl_to_teacher", "KL(T‖S)", False),
-    ("time/train_s", "time (s)", False),
-]
-EXTRA = [("test/canary_exposure", "canary exposure", False), ("test/attack_success_rate", "attack success", False)]
-LM_COLUMNS = [
-    ("test/exact_match", "exact match", True),
-    ("test/token_kl", "token KL(T‖S)", False),
-    ("test/perplexity", "perplexity", False),
-    ("time/train_s", "time (s)", False),
-    ("time/train_tokens_per_s", "train tokens/s", True),
-]
-PERCENT = ("test/accuracy", "test/exact_match")
-
-
-@dataclass(frozen=True)
-class Profile:
-    """What a leaderboard shows for a kind of task: table columns, the two bar charts, the two curves."""
-
-    columns: list[tuple[str, str, bool]]
-    bars: tuple[tuple[str, str], tuple[str, str]]
-    curves: tuple[str, str]
-    teacher_line: Callable[[dict[str, float]], str]
-
-
-CLASSIFIER = Profile(
-    COLUMNS, (("test/accuracy", "test accuracy"), ("test/ece", "test ECE (lower is better)")),
-    ("val/accuracy", "val/agreement"),
-    lambda t: f"Teacher: accuracy {100 * t['accuracy']:.2f} %, ECE {t['ece']:.4f}, NLL {t['nll']:.4f}.",
-)
-LANGUAGE_MODEL = Profile(
-    LM_COLUMNS, (("test/exact_match", "test exact match (greedy)"), ("test/token_kl", "test token KL to teacher (lower is better)")),
-    ("val/exact_match", "val/token_kl"),
-    lambda t: f"Teacher: exact match {100 * t.get('exact_match', float('nan')):.2f} %, perplexity {t['perplexity']:.4f}.",
-)
-
-
-def profile(rows: list["Row"]) -> Profile:
-    lm = any("test/perplexity" in r.metrics for row in rows for r in row.runs)
-    return LANGUAGE_MODEL if lm else CLASSIFIER
-
-
-def columns(rows: list["Row"]) -> list[tuple[str, str, bool]]:
-    """The standard columns of the task kind plus task-specific metrics that some run reports."""
-    return profile(rows).columns + [c for c in EXTRA if any(c[0] in r.metrics for row in rows for r in row.runs)]
-
 
 class Entry(Strict):
     recipe: str
@@ -136,7 +91,19 @@ class Suite(Strict):
     baseline: str | None = Field(
         None, description="label of the control entry: the leaderboard adds each entry's difference to it "
         "on the same seed (paired), mean ± std over seeds")
-    recipes: list[Entry | str]
+    metrics: list[Metric] | None = Field(
+        None, description="test metrics the leaderboard shows, the first the main one (bars, Δ, what tune "
+        "selects on as val/...); absent: the classifier or language-model columns")
+    recipes: list[Entry | str] = Field(default_factory=list)
+    parts: list[str] = Field(
+        default_factory=list, description="other suites (names or paths) run in turn into <out>/<part>, with "
+        "an index leaderboard; a suite has recipes or parts")
+
+    @model_validator(mode="after")
+    def _recipes_or_parts(self) -> "Suite":
+        if bool(self.recipes) == bool(self.parts):
+            raise ValueError("give either recipes or parts (a suite of suites)")
+        return self
 
     @field_validator("steps")
     @classmethod
@@ -171,13 +138,17 @@ def load_suite(ref: str) -> tuple[Suite, Path]:
 VAL_KEYS = ("val/exact_match", "val/accuracy")  # what `tune` selects on: the task kind's validation score
 
 
-def val_score(res: RunResult) -> float:
-    """A run's validation score at the end of training (the last evaluation in its history)."""
-    for key in VAL_KEYS:
+def val_score(res: RunResult, main: Metric | None = None) -> float:
+    """A run's validation score at the end of training (the last evaluation in its history), higher
+    better: ``val/<main>`` (negated when lower is better) for a suite with ``metrics``, else the task
+    kind's."""
+    keys = ("val/" + main.name,) if main else VAL_KEYS
+    for key in keys:
         vals = [h[key] for h in res.history if key in h]
         if key in res.metrics or vals:
-            return float(res.metrics.get(key, vals[-1] if vals else 0.0))
-    raise RecipeError(f"run {res.run_dir}: no validation score ({' or '.join(VAL_KEYS)}) to tune on; "
+            v = float(res.metrics.get(key, vals[-1] if vals else 0.0))
+            return v if main is None or main.higher else -v
+    raise RecipeError(f"run {res.run_dir}: no validation score ({' or '.join(keys)}) to tune on; "
                       "set train.eval_every")
 
 
@@ -198,25 +169,6 @@ def tune_run_name(label: str, sets: list[str]) -> str:
 def with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
     return recipe_from_dict(apply_overrides(recipe.model_dump(mode="json", exclude={"base_dir"}), overrides),
                             base_dir=recipe.base_dir)
-
-
-@dataclass
-class Row:
-    label: str
-    method: str
-    runs: list[RunResult]
-    tuned: str = ""  # what `tune` tried and chose (validation scores), for the leaderboard
-
-    def stat(self, key: str) -> tuple[float, float | None] | None:
-        """Mean and standard deviation over seeds; the deviation is None with one seed (no spread)."""
-        vals = [r.metrics[key] for r in self.runs if key in r.metrics]
-        if not vals:
-            return None
-        return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
-
-    def steps(self) -> list[int]:
-        """The optimizer steps each run trained (the last step of its history)."""
-        return [max((int(h["step"]) for h in r.history if "step" in h), default=0) for r in self.runs]
 
 
 def run_folder_name(label: str) -> str:
@@ -277,6 +229,8 @@ def run_suite(
     default ``runs`` (shared with ``distill run`` and every other bench) when ``out`` is not given,
     else ``out``."""
     suite, base = load_suite(ref)
+    if suite.parts:
+        raise RecipeError(f"suite {suite.name} is a suite of suites ({', '.join(suite.parts)}): run it with run_suites")
     default_out = out is None
     out = Path(out) if out else Path("runs") / "bench" / suite.name
     teachers = Path(teachers) if teachers is not None else (Path("runs") if default_out else out)
@@ -305,6 +259,7 @@ def run_suite(
     for grid, (label, r) in zip(grids, recipes):
         for sets in grid:
             with_overrides(r, sets)  # every tried value is valid before anything trains
+    shown = (lambda sc: f"{100 * sc:.1f}") if not suite.metrics else (lambda sc: f"{abs(sc):.4g}")  # noqa: E731
     rows = []
     for grid, (label, r) in zip(grids, recipes):
         tuned = ""
@@ -313,12 +268,12 @@ def run_suite(
             for i, sets in enumerate(grid):
                 res = run_recipe(with_overrides(r, sets).model_copy(update={"seed": 0}), out=out,
                                  name=tune_run_name(label, sets), progress=progress, refs_out=teachers)
-                scores.append(val_score(res))
+                scores.append(val_score(res, suite.metrics[0] if suite.metrics else None))
                 results.append(res)
             best = max(range(len(grid)), key=lambda i: (scores[i], -i))
             chosen = results[best]
             r = with_overrides(r, grid[best])
-            tuned = f"{label}: " + ", ".join(f"{' '.join(sets)} → {100 * sc:.1f}" + (" (chosen)" if i == best else "")
+            tuned = f"{label}: " + ", ".join(f"{' '.join(sets)} → {shown(sc)}" + (" (chosen)" if i == best else "")
                                              for i, (sets, sc) in enumerate(zip(grid, scores)))
         runs = []
         for seed in range(n_seeds):
@@ -338,172 +293,33 @@ def run_suite(
     return rows, out
 
 
-def paired(row: Row, base: Row, key: str) -> tuple[float, float | None] | None:
-    """``row`` minus ``base`` on the same seed, mean and standard deviation over seeds: the seed's own
-    start (data order, init) cancels, so a small effect shows where the raw spreads overlap."""
-    diffs = [r.metrics[key] - b.metrics[key] for r, b in zip(row.runs, base.runs) if key in r.metrics and key in b.metrics]
-    if not diffs:
-        return None
-    return statistics.fmean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else None)
 
-
-def fmt(key: str, s: tuple[float, float | None] | None, sign: bool = False) -> str:
-    if s is None:
-        return "–"
-    digits = 1 if key.startswith("time/") else 4
-    scale = 100 if key in PERCENT else 1
-    digits = 2 if key in PERCENT else digits
-    mean = f"{scale * s[0]:{'+' if sign else ''}.{digits}f}"
-    return mean if s[1] is None else f"{mean} ± {scale * s[1]:.{digits}f}"
-
-
-def base_row(suite: Suite, rows: list[Row]) -> Row | None:
-    return next((row for row in rows if row.label == suite.baseline), None)
-
-
-def cell(row: Row, key: str) -> str:
-    """``mean ± std`` over seeds; the mean alone with one seed."""
-    return fmt(key, row.stat(key))
-
-
-def steps_line(suite: Suite, rows: list[Row]) -> str:
-    """What the leaderboard says about training length: the optimizer steps each entry's runs took."""
-    per_row = {row.label: sorted(set(row.steps())) for row in rows}
-    values = {v for vs in per_row.values() for v in vs}
-    how = {None: "", "first": " (the suite's `steps: first`: the first entry's budget)"}.get(
-        suite.steps, f" (the suite's `steps: {suite.steps}`)")
-    if len(values) == 1:
-        return f"Every run: {values.pop():,} optimizer steps{how}."
-    shown = "; ".join(f"{label} {vs[0]:,}" + (f"–{vs[-1]:,}" if len(vs) > 1 else "") for label, vs in per_row.items() if vs)
-    return f"Optimizer steps per run: {shown}{how} (not equal: compare with care)."
-
-
-def teacher_metrics(rows: list[Row]) -> dict[str, float]:
-    for row in rows:
-        for r in row.runs:
-            if any(k.startswith("teacher/") for k in r.metrics):
-                return {k.removeprefix("teacher/"): v for k, v in r.metrics.items() if k.startswith("teacher/")}
-    return {}
-
-
-def leaderboard_markdown(suite: Suite, rows: list[Row], n_seeds: int) -> str:
-    cols = columns(rows)
-    base = base_row(suite, rows)
-    key = cols[0][0]
-    delta = [f"Δ {cols[0][1]} vs {base.label} (paired)"] if base else []
-    head = "| method | " + " | ".join([cols[0][1], *delta, *(c[1] for c in cols[1:])]) + " |"
-    spread = "One seed (no spread)" if n_seeds == 1 else f"Mean ± std over {n_seeds} seeds"
-    lines = [
-        f"# Leaderboard: {suite.name}",
-        "",
-        suite.description.strip(),
-        "",
-        f"{spread}; test metrics of the last-epoch model (never selected on test). "
-        "Accuracy and exact match in %. " + steps_line(suite, rows) +
-        " Each teacher is trained once and shared by every seed: the seed varies the student only.",
-        "",
-        head,
-        "|" + "---|" * (len(cols) + 1 + len(delta)),
-    ]
-    for row in rows:
-        d = [fmt(key, paired(row, base, key), sign=True)] if base else []
-        lines.append(f"| {row.label} | " + " | ".join([cell(row, key), *d, *(cell(row, c[0]) for c in cols[1:])]) + " |")
-    if base:
-        lines += ["", f"Δ: the entry minus `{base.label}` on the same seed (same start and data order), mean ± std "
-                  "over seeds; a difference whose spread does not cover 0 is one the seeds agree on."]
-    t = teacher_metrics(rows)
-    if t:
-        lines += ["", profile(rows).teacher_line(t)]
-    tuned = [row.tuned for row in rows if row.tuned]
-    if tuned:
-        lines += ["", "Chosen on the validation split (seed 0, the validation score at the end of training, %):", ""]
-        lines += [f"- {t}" for t in tuned]
-    lines += ["", "![test metrics](leaderboard.png)", "", "![validation curves](curves.png)", ""]
-    return "\n".join(lines)
-
-
-def write_leaderboard(out: Path, suite: Suite, rows: list[Row], n_seeds: int) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "leaderboard.md").write_text(leaderboard_markdown(suite, rows, n_seeds))
-    with open(out / "leaderboard.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        cols = columns(rows)
-        base = base_row(suite, rows)
-        w.writerow(["method", "seeds", "steps"] + [f"{c[0]}_{s}" for c in cols for s in ("mean", "std")]
-                   + ([f"delta_{cols[0][0]}_{s}" for s in ("mean", "std")] if base else []))
-        for row in rows:
-            steps = sorted(set(row.steps()))
-            cells: list[Any] = [row.label, len(row.runs), steps[0] if len(steps) == 1 else statistics.fmean(row.steps())]
-            for c in cols:
-                s = row.stat(c[0])
-                cells += [s[0], "" if s[1] is None else s[1]] if s else ["", ""]  # one seed: no std
-            if base:
-                d = paired(row, base, cols[0][0])
-                cells += [d[0], "" if d[1] is None else d[1]] if d else ["", ""]
-            w.writerow(cells)
-    plot_leaderboard(out / "leaderboard.png", rows, teacher_metrics(rows), base_row(suite, rows))
-    plot_curves(out / "curves.png", rows)
-
-
-def plot_leaderboard(path: Path, rows: list[Row], teacher: dict[str, float], base: Row | None = None) -> None:
-    plt = report.pyplot()
-    n = 3 if base else 2
-    fig, axes = plt.subplots(1, n, figsize=(max(5.5 * n, 0.8 * len(rows) * n / 2 + 3), 4.2))
-    labels = [r.label for r in rows]
-    if base:  # the paired differences to the control, the figure people compare methods by
-        key = profile(rows).bars[0][0]
-        ds = [paired(r, base, key) for r in rows]
-        scale = 100 if key in PERCENT else 1
-        axes[2].bar(labels, [scale * d[0] if d else float("nan") for d in ds],
-                    yerr=[scale * (d[1] or 0.0) if d else 0.0 for d in ds], capsize=4, color="tab:green")
-        axes[2].axhline(0, color="black", lw=0.8)
-        axes[2].set_title(f"{profile(rows).bars[0][1]}: paired Δ vs {base.label}" + (" (points)" if scale == 100 else ""))
-        axes[2].tick_params(axis="x", rotation=35)
-        for t in axes[2].get_xticklabels():
-            t.set_horizontalalignment("right")
-    for ax, (key, title) in zip(axes[:2], profile(rows).bars):
-        stats = [r.stat(key) for r in rows]
-        have = [st for st in stats if st is not None]
-        # a method without the metric (e.g. no teacher, so no KL to it) gets no bar, not a zero
-        ax.bar(labels, [st[0] if st else float("nan") for st in stats],
-               yerr=[(st[1] or 0.0) if st else 0.0 for st in stats], capsize=4, color="tab:blue")
-        tk = key.removeprefix("test/")
-        if tk in teacher:
-            ax.axhline(teacher[tk], color="tab:red", ls="--", label="teacher")
-            ax.legend()
-        if key in PERCENT and have:
-            lo = min(st[0] - (st[1] or 0.0) for st in have)
-            hi = max(st[0] + (st[1] or 0.0) for st in have)
-            ax.set_ylim(max(0.0, lo - 0.05), min(1.0, max(hi, teacher.get(tk, 0)) + 0.03))
-        ax.set_title(title)
-        ax.tick_params(axis="x", rotation=35)
-        for t in ax.get_xticklabels():
-            t.set_horizontalalignment("right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_curves(path: Path, rows: list[Row]) -> None:
-    """Validation accuracy (exact match for language models) and fidelity to the teacher (top-1
-    agreement, S42; token KL for language models) against training progress (fraction of the run),
-    mean over seeds."""
-    plt = report.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key in zip(axes, profile(rows).curves):
-        for i, row in enumerate(rows):
-            curves = [report.series(r.history, key) for r in row.runs if r.history]
-            curves = [c for c in curves if c[0]]
-            if not curves:
-                continue
-            n = min(len(c[1]) for c in curves)
-            xs = [x / curves[0][0][n - 1] for x in curves[0][0][:n]]
-            ys = [statistics.fmean(c[1][j] for c in curves) for j in range(n)]
-            colour = plt.cm.tab20(i % 20) if len(rows) > 10 else f"C{i}"  # one colour per method in both panels
-            ax.plot(xs, ys, label=row.label, color=colour, marker="o" if n == 1 else None)
-        ax.set_xlabel("fraction of training"), ax.set_title(key.replace("val/", "validation "))
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def run_suites(
+    ref: str,
+    out: str | Path | None = None,
+    seeds: int | None = None,
+    overrides: list[str] | None = None,
+    on_run: Callable[[str, int, RunResult], None] | None = None,
+    progress: bool = True,
+    teachers: str | Path | None = None,
+) -> tuple[list[tuple[Suite, list[Row], Path]], Path]:
+    """``run_suite`` for a plain suite; for a suite of suites (``parts``), each part into
+    ``<out>/<part>`` and an index leaderboard in ``out``, every part's teachers trained once into
+    ``<teachers>/_teachers`` (default ``out``)."""
+    suite, base = load_suite(ref)
+    if not suite.parts:
+        rows, folder = run_suite(ref, out=out, seeds=seeds, overrides=overrides, on_run=on_run, progress=progress,
+                                 teachers=teachers)
+        return [(suite, rows, folder)], folder
+    out = Path(out) if out else Path("runs") / "bench" / suite.name
+    parts = []
+    for part in suite.parts:  # a part beside the suite's file first, then a shipped one; all checked first
+        ref_i = str(base / f"{part}.yaml") if (base / f"{part}.yaml").is_file() else part
+        parts.append((ref_i, load_suite(ref_i)[0]))
+    results = []
+    for ref_i, part in parts:
+        rows, folder = run_suite(ref_i, out=out / part.name, seeds=seeds or suite.seeds, overrides=overrides,
+                                 on_run=on_run, progress=progress, teachers=teachers or out)
+        results.append((part, rows, folder))
+        write_index(out, suite, results)  # the index grows as parts finish
+    return results, out

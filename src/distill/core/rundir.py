@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from distill.errors import RecipeError, RunLockedError
+from distill.errors import RecipeError, RunExistsError, RunLockedError
 
 # one path component: no separators, not "." or "..", not hidden, not a folder the runner writes itself
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$"
@@ -176,3 +177,51 @@ def changed_inputs(folder: Path) -> list[str]:
     stamps = json.loads(saved.read_text())
     return [f"{k} ({path})" for k, (path, stamp) in stamps.items()
             if not Path(path).exists() or _stamp(Path(path)) != stamp]
+
+
+# --- a tool's output folder (distill search-student, prune-layers): the run-folder rules ------------
+TOOL_OWNER = ".written-by"  # in a tool's .partial folder: which tool started it (so only it removes it)
+
+
+def check_tool_out(out: Path, marker: str, overwrite: bool) -> Path:
+    """``out`` may be written: absent, or (with ``overwrite``) a folder this tool wrote (holds ``marker``).
+    Checked before any work and again under the lock."""
+    out = Path(out).expanduser()
+    check_run_name(out.resolve().name, "--out folder name")
+    if out.exists():
+        if not overwrite:
+            raise RunExistsError(f"{out} exists; choose another --out or pass --overwrite")
+        if not (out / marker).is_file():
+            raise RunExistsError(f"{out} exists and was not written by this command (no {marker}); it is "
+                                 "not touched: choose another --out")
+    return out
+
+
+@contextlib.contextmanager
+def tool_output(out: Path, marker: str, overwrite: bool) -> Iterator[Path]:
+    """Write a tool's outputs into ``<out>.partial`` under the run-folder lock, then fsync and rename it
+    to ``out``. An existing ``out`` is replaced only with ``overwrite`` and only when it holds ``marker``
+    (a folder this tool wrote); a leftover ``<out>.partial`` is removed only when this tool started it;
+    a failure leaves no ``out`` and no partial of ours."""
+    out = Path(out).expanduser().resolve()
+    with run_lock(out.parent, out.name):
+        check_tool_out(out, marker, overwrite)
+        partial = out.with_name(out.name + PARTIAL)
+        if partial.exists():
+            owner = partial / TOOL_OWNER
+            if not (owner.is_file() and owner.read_text() == marker):
+                raise RunExistsError(f"{partial} exists and was not started by this command; it is not touched: "
+                                     "choose another --out")
+            shutil.rmtree(partial)  # an interrupted earlier attempt of this tool, under the same lock
+        partial.mkdir(parents=True)
+        (partial / TOOL_OWNER).write_text(marker)
+        try:
+            yield partial
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        (partial / TOOL_OWNER).unlink()
+        fsync_tree(partial)
+        if out.exists():
+            shutil.rmtree(out)
+        partial.rename(out)

@@ -178,3 +178,119 @@ def cka_loss(student: Tensor, teacher: Tensor, kernel: str = "linear", sigma_fra
     if kernel == "rbf":
         return 1.0 - rbf_cka(student, teacher, sigma_frac)
     raise ValueError(f"cka kernel must be linear or rbf, not {kernel!r}")
+
+
+# --- the classic feature losses (issue 15): PKT, RKD, VID, ReviewKD's HCL, CRD's NCE --------------
+def match_spatial(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """Adaptive average pooling of the larger map down to the smaller one's spatial size, as the
+    official AT and VID losses do (RepDistiller ``Attention.at_loss``, ``VIDLoss.forward``); maps
+    ``[batch, channels, *spatial]`` (1-D or 2-D), channels untouched."""
+    s_sp, t_sp = tuple(student.shape[2:]), tuple(teacher.shape[2:])
+    if s_sp == t_sp:
+        return student, teacher
+    pool = F.adaptive_avg_pool1d if student.dim() == 3 else F.adaptive_avg_pool2d
+    if all(s >= t for s, t in zip(s_sp, t_sp)):
+        return pool(student, t_sp), teacher
+    if all(s <= t for s, t in zip(s_sp, t_sp)):
+        return student, pool(teacher, s_sp)
+    raise ValueError(f"match_spatial: neither map is larger, student {s_sp} teacher {t_sp}")
+
+
+def _kernel_probs(x: Tensor, eps: float) -> Tensor:
+    """PKT's cosine kernel ``(cos + 1) / 2`` between every pair of the batch, rows normalised to sum 1."""
+    x = x.flatten(1)
+    x = x / (x.pow(2).sum(1, keepdim=True).sqrt() + eps)
+    x = torch.nan_to_num(x, nan=0.0)  # the official zeroes NaNs
+    k = (x @ x.T + 1.0) / 2.0
+    return k / k.sum(1, keepdim=True)
+
+
+def pkt_loss(student: Tensor, teacher: Tensor, eps: float = 1e-7) -> Tensor:
+    """Probabilistic knowledge transfer (Passalis & Tefas 2018, §3): the conditional probabilities
+    ``p_{i|j} = K(x_i, x_j) / Σ_i K(x_i, x_j)`` from the cosine-similarity kernel
+    ``K(a, b) = (aᵀb / (‖a‖‖b‖) + 1) / 2`` of the teacher's and the student's batch, and
+    ``KL(P_T ‖ Q_S)`` between them. As the authors' code (RepDistiller ``PKT.cosine_similarity_loss``):
+    the diagonal (i = j) is kept, and the KL terms are averaged over all ``b²`` entries (the paper sums).
+    Widths may differ: only the ``[b, b]`` matrices are compared."""
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(f"pkt_loss: batch sizes differ ({student.shape[0]} vs {teacher.shape[0]})")
+    q, p = _kernel_probs(_work(student), eps), _kernel_probs(_work(teacher), eps)
+    return (p * torch.log((p + eps) / (q + eps))).mean()
+
+
+def pairwise_distances(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """Euclidean distances ``[b, b]`` of the flattened batch, the diagonal exactly 0 (RepDistiller
+    ``RKDLoss.pdist``: squared distances clamped at ``eps`` before the root)."""
+    x = x.flatten(1)
+    sq = x.pow(2).sum(1)
+    d = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp_min(eps).sqrt()
+    return d * (1 - torch.eye(len(x), dtype=d.dtype, device=d.device))
+
+
+def rkd_distance_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """RKD distance-wise loss (Park et al. 2019, Eq. 3-4): ``ψ_D(t_i, t_j) = ‖t_i − t_j‖ / μ`` with μ the
+    mean of the batch's non-zero distances, compared by the Huber loss (δ = 1, ``F.smooth_l1_loss``)
+    averaged over all ``b²`` pairs, as the official ``RKDLoss``."""
+    def psi(x: Tensor) -> Tensor:
+        d = pairwise_distances(_work(x))
+        return d / d[d > 0].mean()
+    return F.smooth_l1_loss(psi(student), psi(teacher))
+
+
+def _angles(x: Tensor) -> Tensor:
+    """``[b, b, b]``: ``cos∠(x_j, x_i, x_k) = ⟨e_ij, e_ik⟩`` with ``e_ij = (x_j − x_i) / ‖x_j − x_i‖``
+    (0 where ``i = j``), the vertex at ``i``."""
+    x = x.flatten(1)
+    e = F.normalize(x.unsqueeze(0) - x.unsqueeze(1), p=2, dim=2)
+    return torch.bmm(e, e.transpose(1, 2))
+
+
+def rkd_angle_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """RKD angle-wise loss (Park et al. 2019, Eq. 5-6): the cosine of the angle each triple makes,
+    compared by the Huber loss (δ = 1) averaged over all ``b³`` triples (degenerate ones included, as
+    the official ``RKDLoss``)."""
+    return F.smooth_l1_loss(_angles(_work(student)), _angles(_work(teacher)))
+
+
+def vid_nll(mean: Tensor, target: Tensor, log_scale: Tensor, eps: float = 1e-5) -> Tensor:
+    """Variational information distillation (Ahn et al. 2019, §3): the negative log-likelihood of the
+    teacher's feature under a Gaussian with the student's predicted ``mean`` and a learned variance per
+    channel ``σ²_c = softplus(α_c) + eps`` (heteroscedastic across channels, constant over positions):
+    ``mean_{n,c,pos} ½ ((t − μ)² / σ²_c + log σ²_c)`` (the constant ½ log 2π dropped), as the authors'
+    code (RepDistiller ``VIDLoss``). ``mean``/``target`` ``[batch, channels, ...]``, ``log_scale`` ``[channels]``."""
+    _check_same(mean, target, "vid_nll")
+    var = F.softplus(log_scale.float() if log_scale.dtype != torch.float64 else log_scale) + eps
+    var = var.view(1, -1, *([1] * (mean.dim() - 2)))
+    return (0.5 * ((_work(mean) - _work(target)).pow(2) / var + torch.log(var))).mean()
+
+
+def hcl_loss(student: Tensor, teacher: Tensor, levels: tuple[int, ...] = (4, 2, 1)) -> Tensor:
+    """ReviewKD's hierarchical context loss for one stage (Chen et al. 2021, §3.3), the official
+    ``hcl_loss`` (mdistiller ``distillers/ReviewKD.py``): the MSE of the full maps plus, for each
+    pyramid level ``l < H`` (maps pooled to ``l×l`` by adaptive average pooling, ``l`` for 1-D), the
+    MSE of the pooled maps with weights ½, ¼, ...; divided by the sum of the weights."""
+    _check_same(student, teacher, "hcl_loss")
+    s, t = _work(student), _work(teacher)
+    pool = F.adaptive_avg_pool1d if s.dim() == 3 else F.adaptive_avg_pool2d
+    loss, cnt, tot = F.mse_loss(s, t), 1.0, 1.0
+    for level in levels:
+        if s.dim() < 3 or level >= s.shape[2]:
+            continue
+        cnt /= 2.0
+        size = level if s.dim() == 3 else (level, level)
+        loss = loss + F.mse_loss(pool(s, size), pool(t, size)) * cnt
+        tot += cnt
+    return loss / tot
+
+
+def nce_contrast_loss(scores: Tensor, n_data: int, eps: float = 1e-7) -> Tensor:
+    """CRD's NCE loss (Tian et al. 2020, Eq. 18; RepDistiller ``crd/criterion.py :: ContrastLoss``):
+    ``scores`` ``[batch, 1 + m]`` are the normalised critic values ``exp(⟨·,·⟩/τ) / Z``, column 0 the
+    positive pair, the others the ``m`` negatives; with the noise probability ``P_n = 1 / n_data``,
+    ``−(Σ log(s₊ / (s₊ + m·P_n)) + Σ log(m·P_n / (s₋ + m·P_n))) / batch``."""
+    x = _work(scores)
+    m, pn = x.shape[1] - 1, 1.0 / float(n_data)
+    pos, neg = x[:, 0], x[:, 1:]
+    log_d1 = torch.log(pos / (pos + m * pn + eps))
+    log_d0 = torch.log((m * pn) / (neg + m * pn + eps))
+    return -(log_d1.sum() + log_d0.sum()) / x.shape[0]

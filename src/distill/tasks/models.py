@@ -86,8 +86,22 @@ def cnn2d(p: CNNParams, input_shape: tuple[int, ...], num_classes: int) -> Class
     return Classifier(nn.Sequential(*layers), c, num_classes)
 
 
+# an arch's ``family`` (other task kinds than classifiers): how an error names it and its tasks
+FAMILIES = {"lm": ("a language model", "a language-model task"), "sr": ("a super-resolution model", "an SR task"),
+            "detection": ("a detector", "a detection task")}
+
+
 def build_model(arch: str, params: dict, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     entry = ARCHS.get(arch)
-    if getattr(entry.obj, "family", None) == "lm":
-        raise RecipeError(f"student.arch '{arch}' is a language model; this task is a classifier (see `distill list`)")
+    family = getattr(entry.obj, "family", None)  # archs of other task kinds (lm, detection, sr) say theirs
+    if family is not None:
+        kind, task = FAMILIES.get(family, (f"a {family} model", f"a {family} task"))
+        raise RecipeError(f"student.arch '{arch}' is {kind}: use it on {task}; this task is a classifier "
+                          "(see `distill list`)")
+    return build_arch(arch, params, input_shape, num_classes)
+
+
+def build_arch(arch: str, params: dict, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A registered arch with the classifier signature, whatever its task kind (a saved folder's)."""
+    entry = ARCHS.get(arch)
     return entry.obj(entry.params.model_validate(params), input_shape, num_classes)

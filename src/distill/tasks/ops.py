@@ -21,7 +21,7 @@ from distill.core.registry import FORMATS
 from distill.core.taskops import register_ops
 from distill.errors import MismatchError, MissingFileError, RecipeError
 from distill.tasks.base import ArrayDataset, TaskData
-from distill.tasks.models import build_model
+from distill.tasks.models import build_arch, build_model
 
 STUDENT_FORMAT = "distill-student-v1"
 
@@ -52,14 +52,15 @@ def load_classifier(folder: Path) -> nn.Module:
         )
     args = (cfg["arch"], cfg["params"], tuple(cfg["input_shape"]), cfg["num_classes"])
     with torch.device("meta"):  # keys and shapes first, from the header: nothing materialised yet
-        weights_check.check(weights_check.shapes(build_model(*args)), [weights])
-    model = build_model(*args)
+        weights_check.check(weights_check.shapes(build_arch(*args)), [weights])
+    model = build_arch(*args)
     model.load_state_dict(weights_check.read(weights))
     return model
 
 
 FORMATS.register(STUDENT_FORMAT, "a classifier run's student/ (model.safetensors + config.json)")(
-    ModelFormat(claims=lambda cfg: "model_type" not in cfg, load=load_classifier))  # not HF
+    ModelFormat(claims=lambda cfg: "model_type" not in cfg and cfg.get("format", STUDENT_FORMAT) == STUDENT_FORMAT,
+                load=load_classifier))  # not HF, not another family's format
 
 
 def saved_spec(folder: Path) -> dict[str, Any] | None:
