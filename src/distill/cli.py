@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from distill.errors import DistillError, Interrupted, MissingFileError
@@ -20,9 +21,9 @@ err_console = Console(stderr=True)
 
 def _fail(err: DistillError) -> None:
     if isinstance(err, Interrupted):
-        err_console.print(f"[yellow]{err}[/]; continue with the same command plus --resume")
+        err_console.print(f"[yellow]{escape(str(err))}[/]; continue with the same command plus --resume")
         raise typer.Exit(130)
-    err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+    err_console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)  # '[vllm]' is text
     raise typer.Exit(2)
 
 

@@ -134,6 +134,7 @@ _OTHERS: tuple[Paper, ...] = (
     Paper("Ahn2019", "Variational Information Distillation for Knowledge Transfer", "Ahn et al.", 2019, "1904.05835"),
     Paper("Tian2020", "Contrastive Representation Distillation", "Tian et al.", 2019, "1910.10699"),
     Paper("Chen2021", "Distilling Knowledge via Knowledge Review", "Chen et al.", 2021, "2104.09044"),
+    Paper("Gao2021", "SimCSE: Simple Contrastive Learning of Sentence Embeddings", "Gao et al.", 2021, "2104.08821"),
 )
 
 PAPERS: dict[str, Paper] = {p.id: p for p in (*(Paper(*row) for row in _SEEDS), *_BASELINES, *_OTHERS)}
@@ -195,6 +196,8 @@ METHOD_PAPERS: dict[str, tuple[str, ...]] = {
     "vid": ("Ahn2019",),
     "crd": ("Tian2020",),
     "reviewkd": ("Chen2021",),
+    "sentence_kd": ("Romero2015",),
+    "simcse": ("Gao2021",),
 }
 
 # Features that are not methods, for ``distill show ID`` ("used by").

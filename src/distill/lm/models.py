@@ -203,7 +203,7 @@ def load_causal_lm(folder: str | Path, trust_remote_code: bool = False) -> nn.Mo
 
 
 FORMATS.register("hf", "an HF causal-LM folder (config.json with model_type + model.safetensors)")(
-    ModelFormat(claims=lambda cfg: "model_type" in cfg, load=load_causal_lm))
+    ModelFormat(claims=lambda cfg: "model_type" in cfg and "distill_format" not in cfg, load=load_causal_lm))
 
 
 def vocab_rows(model: nn.Module) -> int:
