@@ -45,6 +45,7 @@ from distill.core.refs import ModelFormat, RefContext, RefKind, record_ref
 from distill.core.registry import FORMATS, REFS
 from distill.core.rundir import _stamp, run_lock
 from distill.errors import MismatchError, MissingFileError, RecipeError, WeightsError
+from distill.lm.models import quiet_hf, read_hf_config
 
 FORMAT = "hf-encoder"
 SUBSET_FILE = "subset.json"
@@ -147,12 +148,6 @@ REFS.register("package", "the HF model folder inside an installed Python package
 # ------------------------------------------------------------------------------------------ folders
 
 
-def quiet() -> Any:
-    from distill.lm.models import quiet_hf  # no per-file progress bars
-
-    return quiet_hf()
-
-
 def model_folder(folder: str | Path) -> Path:
     """A model folder, or a run folder's ``student/``."""
     path = Path(folder).expanduser()
@@ -165,15 +160,7 @@ def load_encoder(folder: str | Path) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
     path = model_folder(folder)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise MissingFileError(f"{path} is not a model folder (no config.json)")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except ValueError:
-        raise WeightsError(f"{cfg_file}: not valid JSON") from None
-    if not isinstance(raw, dict) or "model_type" not in raw:
-        raise WeightsError(f"{cfg_file} has no model_type: not an HF model folder")
+    raw = read_hf_config(path)
     if raw.get("is_decoder"):
         raise MismatchError(f"{path} holds a decoder (is_decoder: true); sentence encoders are bidirectional")
     if not any(path.glob("*.safetensors")):
@@ -181,7 +168,7 @@ def load_encoder(folder: str | Path) -> nn.Module:
             else "no *.safetensors"
         raise WeightsError(f"{path} has {what}")
     try:
-        with quiet():
+        with quiet_hf():  # no per-file progress bars
             config = AutoConfig.from_pretrained(str(path))
             model = AutoModel.from_pretrained(str(path), config=config)
     except (OSError, ValueError, KeyError) as err:
@@ -194,7 +181,7 @@ def load_tokenizer(folder: str | Path) -> Any:
 
     path = model_folder(folder)
     try:
-        with quiet():
+        with quiet_hf():  # no per-file progress bars
             return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
         raise MissingFileError(f"{path} has no usable tokenizer: {str(err).splitlines()[0]}") from None
@@ -203,7 +190,7 @@ def load_tokenizer(folder: str | Path) -> Any:
 def save_encoder(folder: Path, model: nn.Module, tokenizer: Any) -> None:
     """HF layout + tokenizer + sentence-transformers' modules (Transformer -> mean Pooling -> Normalize)."""
     folder.mkdir(parents=True, exist_ok=True)
-    with quiet():
+    with quiet_hf():  # no per-file progress bars
         model.save_pretrained(str(folder), safe_serialization=True)
     tokenizer.save_pretrained(str(folder))
     cfg = json.loads((folder / "config.json").read_text())

@@ -294,3 +294,19 @@ def nce_contrast_loss(scores: Tensor, n_data: int, eps: float = 1e-7) -> Tensor:
     log_d1 = torch.log(pos / (pos + m * pn + eps))
     log_d0 = torch.log((m * pn) / (neg + m * pn + eps))
     return -(log_d1.sum() + log_d0.sum()) / x.shape[0]
+
+
+def info_nce(a: Tensor, b: Tensor, temperature: float, symmetric: bool = False) -> Tensor:
+    """InfoNCE between paired embeddings ``[..., N, D]`` (L2-normalised here, float32): row ``a[..., i]``
+    picks ``b[..., i]`` among the ``N`` rows of ``b`` with the same leading indices, similarities cosine /
+    ``temperature``; the mean over every row. ``symmetric`` adds ``b`` → ``a`` and halves the sum (CLIP).
+    SimCSE (unsupervised, Gao et al. 2021) is ``info_nce(z1, z2, 0.05)``; CALICO's region loss (S55) uses
+    ``[B·R, D]`` (negatives from every scene) or ``[B, R, D]`` (from the same scene)."""
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    logits = a @ b.transpose(-1, -2) / temperature
+    n = logits.shape[-1]
+    target = torch.arange(n, device=a.device).expand(logits.shape[:-1]).reshape(-1)
+    loss = F.cross_entropy(logits.reshape(-1, n), target)
+    if symmetric:
+        loss = (loss + F.cross_entropy(logits.transpose(-1, -2).reshape(-1, n), target)) / 2
+    return loss

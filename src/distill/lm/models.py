@@ -163,6 +163,21 @@ def _expected_keys(meta: nn.Module, files: list[Path]) -> tuple[dict[str, tuple[
     return expected, ignore_missing, ignore_unexpected
 
 
+def read_hf_config(path: Path, hint: str = "") -> dict:
+    """``path/config.json`` of an HF model folder, with one-line errors: no file, not JSON, no ``model_type``
+    (``hint`` says what the folder may be instead)."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise MissingFileError(f"{path} is not a model folder (no config.json)")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except ValueError:
+        raise WeightsError(f"{cfg_file}: not valid JSON") from None
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise WeightsError(f"{cfg_file} has no model_type: not an HF model folder{hint}")
+    return raw
+
+
 def load_causal_lm(folder: str | Path, trust_remote_code: bool = False) -> nn.Module:
     """An HF causal LM from a model folder, or from a run folder (its ``student/``).
 
@@ -175,22 +190,14 @@ def load_causal_lm(folder: str | Path, trust_remote_code: bool = False) -> nn.Mo
     path = Path(folder).expanduser()
     if (path / "student" / "config.json").is_file():
         path = path / "student"
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise MissingFileError(f"{path} is not a model folder (no config.json)")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except ValueError:
-        raise WeightsError(f"{cfg_file}: not valid JSON") from None
-    if not isinstance(raw, dict) or "model_type" not in raw:
-        raise WeightsError(f"{cfg_file} has no model_type: not an HF model folder (a classifier run's student?)")
+    read_hf_config(path, " (a classifier run's student?)")  # the one-line errors before transformers'
     try:
         with quiet_hf():
             config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
             with init_empty_weights():
                 meta = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
-        raise WeightsError(f"{cfg_file}: not a causal-LM config ({str(err).splitlines()[0]})") from None
+        raise WeightsError(f"{path / 'config.json'}: not a causal-LM config ({str(err).splitlines()[0]})") from None
     files = _weight_files(path)
     expected, ignore_missing, ignore_unexpected = _expected_keys(meta, files)
     weights_check.check(expected, files, ignore_missing, ignore_unexpected)

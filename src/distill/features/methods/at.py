@@ -13,7 +13,7 @@ from torch import Tensor
 from distill.core.distiller import Step
 from distill.core.registry import METHODS
 from distill.features.losses import at_loss, match_spatial
-from distill.features.methods.fitnet import ClassicDistiller, LayerParams
+from distill.features.classic import ClassicDistiller, LayerParams
 
 
 class ATParams(LayerParams):

@@ -11,7 +11,6 @@ every concrete choice below is ours and says so.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
@@ -20,6 +19,7 @@ from distill.core.distiller import Step, TaskInfo
 from distill.core.registry import METHODS, Params
 from distill.errors import RecipeError
 from distill.features.base import FeatureDistiller
+from distill.features.losses import info_nce
 from distill.features.tap import FeatureTap, default_layers, feature_shapes
 from distill.logits.methods.kd import labeled_ce
 
@@ -41,19 +41,10 @@ def region_infonce(student: Tensor, teacher: Tensor, temperature: float, negativ
 
     ``symmetric`` adds the teacher → student direction and halves the sum (CLIP-style)."""
     b, r, d = student.shape
-    s, t = F.normalize(student.float(), dim=-1), F.normalize(teacher.float(), dim=-1)
     if negatives == "all":
-        logits = s.reshape(b * r, d) @ t.reshape(b * r, d).T / temperature  # [BR, BR]
-        target = torch.arange(b * r, device=s.device)
-        loss = F.cross_entropy(logits, target)
-        return (loss + F.cross_entropy(logits.T, target)) / 2 if symmetric else loss
+        return info_nce(student.reshape(b * r, d), teacher.reshape(b * r, d), temperature, symmetric)
     if negatives == "scene":
-        logits = s @ t.transpose(1, 2) / temperature  # [B, R, R]
-        target = torch.arange(r, device=s.device).repeat(b)
-        loss = F.cross_entropy(logits.reshape(b * r, r), target)
-        if symmetric:
-            loss = (loss + F.cross_entropy(logits.transpose(1, 2).reshape(b * r, r), target)) / 2
-        return loss
+        return info_nce(student, teacher, temperature, symmetric)
     raise ValueError(f"negatives must be all or scene, not {negatives!r}")
 
 

@@ -20,7 +20,7 @@ from distill.core.distiller import Step, TaskInfo
 from distill.core.registry import METHODS
 from distill.errors import RecipeError
 from distill.features.losses import nce_contrast_loss
-from distill.features.methods.fitnet import ClassicDistiller, ClassicParams
+from distill.features.classic import ClassicDistiller, ClassicParams
 
 
 class Embed(nn.Module):

@@ -13,7 +13,7 @@ from torch import Tensor
 from distill.core.distiller import Step
 from distill.core.registry import METHODS
 from distill.features.losses import pkt_loss
-from distill.features.methods.fitnet import ClassicDistiller, ClassicParams
+from distill.features.classic import ClassicDistiller, ClassicParams
 
 
 class PKTParams(ClassicParams):

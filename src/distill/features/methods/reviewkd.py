@@ -16,7 +16,7 @@ from distill.core.distiller import Step, TaskInfo
 from distill.core.registry import METHODS
 from distill.errors import RecipeError
 from distill.features.losses import hcl_loss
-from distill.features.methods.fitnet import ClassicDistiller, LayerParams
+from distill.features.classic import ClassicDistiller, LayerParams
 
 
 class ABF(nn.Module):

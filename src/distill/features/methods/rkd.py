@@ -12,7 +12,7 @@ from torch import Tensor
 from distill.core.distiller import Step
 from distill.core.registry import METHODS
 from distill.features.losses import rkd_angle_loss, rkd_distance_loss
-from distill.features.methods.fitnet import ClassicDistiller, ClassicParams
+from distill.features.classic import ClassicDistiller, ClassicParams
 
 
 class RKDParams(ClassicParams):

@@ -28,7 +28,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -36,7 +35,7 @@ from distill.core.distiller import Distiller, Step, TaskInfo
 from distill.core.registry import METHODS, Params
 from distill.errors import MismatchError, RecipeError
 from distill.features.hf_encoder import mean_pool, model_inputs, sentence_embedding
-from distill.features.losses import cosine_loss, hint_loss
+from distill.features.losses import cosine_loss, hint_loss, info_nce
 
 
 def sentence_kd_terms(student: Tensor, teacher: Tensor, mask: Tensor,
@@ -61,8 +60,7 @@ def sentence_kd_loss(student: Tensor, teacher: Tensor, mask: Tensor, token_weigh
 def simcse_loss(z1: Tensor, z2: Tensor, temperature: float = 0.05) -> Tensor:
     """Unsupervised SimCSE (Gao et al. 2021, §3): cross-entropy of picking ``z2[i]`` for ``z1[i]`` among all
     ``z2`` of the batch, similarities cosine / temperature, in float32."""
-    sim = F.normalize(z1.float(), dim=-1) @ F.normalize(z2.float(), dim=-1).T / temperature
-    return F.cross_entropy(sim, torch.arange(len(z1), device=z1.device))
+    return info_nce(z1, z2, temperature)
 
 
 class TeacherHidden:

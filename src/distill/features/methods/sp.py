@@ -13,7 +13,7 @@ from torch import Tensor
 from distill.core.distiller import Step
 from distill.core.registry import METHODS
 from distill.features.losses import sp_loss
-from distill.features.methods.fitnet import ClassicDistiller, LayerParams
+from distill.features.classic import ClassicDistiller, LayerParams
 
 
 class SPParams(LayerParams):

@@ -18,7 +18,7 @@ from distill.core.distiller import Step, TaskInfo
 from distill.core.registry import METHODS
 from distill.errors import RecipeError
 from distill.features.losses import match_spatial, vid_nll
-from distill.features.methods.fitnet import ClassicDistiller, LayerParams
+from distill.features.classic import ClassicDistiller, LayerParams
 
 
 class VIDRegressor(nn.Module):
