@@ -33,6 +33,7 @@ class AT(ClassicDistiller):
     plain sum over pairs are RepDistiller's (the paper writes β/2 with β = 1000, a factor 2).
     """
 
+    maps = True  # a ViT's tokens become [B, D, h, w] maps (classic.tokens_to_map)
     params: ATParams
 
     def training_step(self, batch: dict[str, Tensor]) -> Step:

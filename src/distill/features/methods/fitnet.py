@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from distill.core.distiller import Step, TaskInfo
 from distill.core.registry import METHODS
 from distill.errors import RecipeError
-from distill.features.classic import ClassicDistiller, LayerParams
+from distill.features.classic import ClassicDistiller, LayerParams, as_map
 from distill.features.losses import hint_loss
 from distill.features.projectors import make_projector
 from distill.features.tap import FeatureTap
@@ -81,11 +81,17 @@ class FitNet(ClassicDistiller):
       CE 0.1, KD 0.9), not the paper's KD with λ annealed.
 
     ``L_HT`` is ``hint_loss`` (MSE averaged over elements, as RepDistiller's ``nn.MSELoss``; the
-    paper's ½ and sum are a constant factor in β). One pair of layers.
+    paper's ½ and sum are a constant factor in β). One pair of layers. With a ViT on either side and
+    ``regressor: conv`` (default), its layer's tokens become a ``[D, h, w]`` map (``tokens_to_map``, [CLS]
+    dropped) and RepDistiller's ``ConvReg`` maps it onto the teacher's map, as between two CNNs (ours: the
+    paper pairs CNNs only); ``regressor: linear`` instead projects the tokens with ``make_projector``.
     """
 
     layer_pick = "middle"
     params: FitNetParams
+
+    def wants_maps(self, params: FitNetParams) -> bool:  # type: ignore[override]
+        return params.regressor == "conv"  # ConvReg between maps; a projector kind (linear) reads the tokens
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, params: FitNetParams, info: TaskInfo) -> None:
         super().__init__(student, teacher, params, info)
@@ -98,9 +104,9 @@ class FitNet(ClassicDistiller):
         if p.stage == "hint":
             tap = FeatureTap(self.student, self.student_layers, stop_after=True)
             tap.run(self.student, batch["x"])
-            guided = tap[self.student_layers[0]]
+            guided = as_map(tap[self.student_layers[0]], self.grids[0])
             hint = self.teacher_features(FeatureTap(self.teacher, self.teacher_layers, stop_after=True), batch["x"])
-            loss = hint_loss(reg(guided), hint[self.teacher_layers[0]])
+            loss = hint_loss(reg(guided), as_map(hint[self.teacher_layers[0]], self.grids[1]))
             return Step({"student": p.hint_weight * loss}, {"hint": loss.detach()})
         s, t = self.forwards(batch["x"])
         loss = hint_loss(reg(s.feats[0]), t.feats[0])

@@ -74,6 +74,7 @@ class ReviewKD(ClassicDistiller):
     the teacher pre-activation), and the pooled level is computed from the deepest tapped map.
     """
 
+    maps = True  # a ViT's tokens become [B, D, h, w] maps (classic.tokens_to_map)
     params: ReviewKDParams
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, params: ReviewKDParams, info: TaskInfo) -> None:

@@ -61,6 +61,7 @@ class VID(ClassicDistiller):
     ``self.projectors`` (the ``projectors`` parameter group, trained with the student).
     """
 
+    maps = True  # a ViT's tokens become [B, D, h, w] maps (classic.tokens_to_map)
     params: VIDParams
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, params: VIDParams, info: TaskInfo) -> None:
