@@ -159,7 +159,7 @@ def test_specific_step_label_ce_on_head_and_teacher_top1_on_the_distillation_hea
 def test_errors_are_one_line():
     s = build_model("cnn2d", {"width": 4, "depth": 2}, (8, 8), 4)
     t = build_model("vit", {"hidden": 16, "depth": 2, "heads": 2, "patch": 2}, (8, 8), 4)
-    with pytest.raises(RecipeError, match="needs the 'vit' arch"):
+    with pytest.raises(RecipeError, match="generic stage.*must be the 'vit' arch"):
         G2SD(s, t, G2SDParams(), TaskInfo(4, 16, (8, 8)))
     with pytest.raises(RecipeError, match="out of range"):
         _pair(teacher_layer=3)

@@ -127,6 +127,18 @@ class MAEDecoder(nn.Module):
 
 
 # --- the method ----------------------------------------------------------------------------------
+def check_vit_pair(method: str, student: nn.Module, teacher: nn.Module | None) -> None:
+    """Masked-token methods (DMAE, G2SD's generic stage) need two ``vit`` models on the same patch grid:
+    a one-line ``RecipeError`` otherwise."""
+    for role, m in (("student", student), ("teacher", teacher)):
+        if not isinstance(m, ViTClassifier):
+            raise RecipeError(f"{method}: the {role} must be the 'vit' arch (masking drops patch tokens), not {type(m).__name__}")
+    assert isinstance(teacher, ViTClassifier) and isinstance(student, ViTClassifier)
+    s_cfg, t_cfg = student.vit.config, teacher.vit.config
+    if (tuple(student.pixel_shape), s_cfg.patch_size) != (tuple(teacher.pixel_shape), t_cfg.patch_size):
+        raise RecipeError(f"{method}: student and teacher need the same patch grid (patch {s_cfg.patch_size} vs {t_cfg.patch_size})")
+
+
 class DMAEParams(Params):
     mask_ratio: float = Field(0.75, ge=0, lt=1, description="fraction of patches removed (teacher and student see the same visible ones)")
     student_layers: list[int] | None = Field(None, description="student blocks aligned (official aligned_blks_indices); default the block at 3/4 depth")
@@ -170,13 +182,9 @@ class DMAE(FeatureDistiller):
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, params: DMAEParams, info: TaskInfo) -> None:
         super().__init__(student, teacher, params, info)
-        for role, m in (("student", student), ("teacher", teacher)):
-            if not isinstance(m, ViTClassifier):
-                raise RecipeError(f"dmae: the {role} must be the 'vit' arch (masking drops patch tokens), not {type(m).__name__}")
+        check_vit_pair("dmae", student, teacher)
         assert isinstance(teacher, ViTClassifier) and isinstance(student, ViTClassifier)
         s_cfg, t_cfg = student.vit.config, teacher.vit.config
-        if (tuple(student.pixel_shape), s_cfg.patch_size) != (tuple(teacher.pixel_shape), t_cfg.patch_size):
-            raise RecipeError(f"dmae: student and teacher need the same patch grid (patch {s_cfg.patch_size} vs {t_cfg.patch_size})")
         ns, nt = len(vit_layers(student)), len(vit_layers(teacher))
         s_idx = params.student_layers if params.student_layers is not None else [_three_quarters(ns)]
         t_idx = params.teacher_layers if params.teacher_layers is not None else [_three_quarters(nt)]

@@ -16,7 +16,7 @@ from distill.core.distiller import Step, TaskInfo
 from distill.core.registry import METHODS, Params
 from distill.errors import RecipeError
 from distill.features.base import FeatureDistiller
-from distill.features.methods.dmae import MAEDecoder, VisibleViT, random_masking, vit_layers
+from distill.features.methods.dmae import MAEDecoder, VisibleViT, check_vit_pair, random_masking, vit_layers
 from distill.features.models import ViTClassifier
 from distill.features.tap import FeatureTap
 from distill.logits.methods.kd import labeled_ce
@@ -106,13 +106,9 @@ class G2SD(FeatureDistiller):
             if params.dist_head:
                 self.projectors["head_dist"] = nn.Linear(student.head.in_features, info.num_classes)
             return
-        for role, m in (("student", student), ("teacher", teacher)):
-            if not isinstance(m, ViTClassifier):
-                raise RecipeError(f"g2sd: the generic stage needs the 'vit' arch for the {role} (masking drops patch tokens), not {type(m).__name__}")
+        check_vit_pair("g2sd (generic stage)", student, teacher)
         assert isinstance(teacher, ViTClassifier) and isinstance(student, ViTClassifier)
         s_cfg, t_cfg = student.vit.config, teacher.vit.config
-        if (tuple(student.pixel_shape), s_cfg.patch_size) != (tuple(teacher.pixel_shape), t_cfg.patch_size):
-            raise RecipeError(f"g2sd: student and teacher need the same patch grid (patch {s_cfg.patch_size} vs {t_cfg.patch_size})")
         nt = len(vit_layers(teacher))
         if not -nt <= params.teacher_layer < nt:
             raise RecipeError(f"g2sd: teacher_layer {params.teacher_layer} out of range; the teacher has {nt} blocks")
