@@ -1,0 +1,1 @@
+"""Diffusion tools (imported by the CLI, not by the plug-in)."""
