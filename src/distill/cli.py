@@ -359,7 +359,7 @@ def eval_(run_dir: Path = typer.Argument(..., help="a finished run folder")) -> 
 
 
 def _bench(suite: str, seeds: Optional[int], out: Optional[Path], set_: list[str],
-           teachers: Optional[Path] = None) -> None:
+           teachers: Optional[Path] = None, jobs: int = 1) -> None:
     from distill.bench.leaderboard import cell, columns, profile, teacher_metrics
     from distill.bench.suite import run_suites
 
@@ -375,7 +375,8 @@ def _bench(suite: str, seeds: Optional[int], out: Optional[Path], set_: list[str
                           highlight=False)
 
     try:
-        results, folder = run_suites(suite, out=out, seeds=seeds, overrides=set_, on_run=on_run, teachers=teachers)
+        results, folder = run_suites(suite, out=out, seeds=seeds, overrides=set_, on_run=on_run, teachers=teachers,
+                                     jobs=jobs)
     except DistillError as err:
         _fail(err)
     for part, rows, _ in results:
@@ -403,9 +404,10 @@ def bench(
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="seeds per recipe (default: the suite's)"),
     out: Optional[Path] = typer.Option(None, "--out", help="default: runs/bench/<suite>"),
     set_: list[str] = typer.Option([], "--set", help="override a key in every recipe"),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="runs at once, one process each (CPU cores or one GPU shared)"),
 ) -> None:
     """Run every recipe of SUITE over several seeds and write a leaderboard (Markdown, CSV, plots)."""
-    _bench(suite, seeds, out, set_)
+    _bench(suite, seeds, out, set_, jobs=jobs)
 
 
 @app.command()

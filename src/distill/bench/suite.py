@@ -48,6 +48,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -222,12 +223,13 @@ def run_suite(
     on_run: Callable[[str, int, RunResult], None] | None = None,
     progress: bool = True,
     teachers: str | Path | None = None,
+    jobs: int = 1,
 ) -> tuple[list[Row], Path]:
     """Run every entry of a suite over ``seeds`` seeds into ``out`` and write the leaderboard there.
 
     ``teachers``: where teacher (and init) recipes are trained once and cached (``<teachers>/_teachers``);
     default ``runs`` (shared with ``distill run`` and every other bench) when ``out`` is not given,
-    else ``out``."""
+    else ``out``. ``jobs`` > 1: that many runs at once, each in its own process (``run_many``)."""
     suite, base = load_suite(ref)
     if suite.parts:
         raise RecipeError(f"suite {suite.name} is a suite of suites ({', '.join(suite.parts)}): run it with run_suites")
@@ -260,38 +262,94 @@ def run_suite(
         for sets in grid:
             with_overrides(r, sets)  # every tried value is valid before anything trains
     shown = (lambda sc: f"{100 * sc:.1f}") if not suite.metrics else (lambda sc: f"{abs(sc):.4g}")  # noqa: E731
-    rows = []
-    for grid, (label, r) in zip(grids, recipes):
-        tuned = ""
-        if grid:
-            scores, results = [], []
-            for i, sets in enumerate(grid):
-                res = run_recipe(with_overrides(r, sets).model_copy(update={"seed": 0}), out=out,
-                                 name=tune_run_name(label, sets), progress=progress, refs_out=teachers)
-                scores.append(val_score(res, suite.metrics[0] if suite.metrics else None))
-                results.append(res)
-            best = max(range(len(grid)), key=lambda i: (scores[i], -i))
-            chosen = results[best]
-            r = with_overrides(r, grid[best])
-            tuned = f"{label}: " + ", ".join(f"{' '.join(sets)} → {shown(sc)}" + (" (chosen)" if i == best else "")
-                                             for i, (sets, sc) in enumerate(zip(grid, scores)))
-        runs = []
+    # wave 1: every tuning run (seed 0 of each grid point); wave 2: the seeds, the tuned entries with their choice
+    tune_jobs = [(r_i, with_overrides(r, sets).model_copy(update={"seed": 0}), tune_run_name(label, sets))
+                 for r_i, (grid, (label, r)) in enumerate(zip(grids, recipes)) for sets in grid]
+    tuned_results = run_many([(rec, out, name, teachers) for _, rec, name in tune_jobs], jobs, progress)
+    chosen: dict[int, tuple[Recipe, RunResult, str]] = {}
+    for r_i, (grid, (label, r)) in enumerate(zip(grids, recipes)):
+        if not grid:
+            continue
+        results = [res for (j, _, _), res in zip(tune_jobs, tuned_results) if j == r_i]
+        scores = [val_score(res, suite.metrics[0] if suite.metrics else None) for res in results]
+        best = max(range(len(grid)), key=lambda i: (scores[i], -i))
+        tuned = f"{label}: " + ", ".join(f"{' '.join(sets)} → {shown(sc)}" + (" (chosen)" if i == best else "")
+                                         for i, (sets, sc) in enumerate(zip(grid, scores)))
+        chosen[r_i] = (with_overrides(r, grid[best]), results[best], tuned)
+    planned: list[tuple[int, int, Recipe]] = []  # (entry, seed, recipe) still to run
+    done: dict[tuple[int, int], RunResult] = {}
+    for r_i, (label, r) in enumerate(recipes):
+        r = chosen[r_i][0] if r_i in chosen else r
         for seed in range(n_seeds):
             rs = r.model_copy(update={"seed": seed})
-            if grid and seed == 0:
-                res = chosen  # the chosen value's tuning run is seed 0
-            elif (done := finished_run(trained_folder(teachers, rs), rs)) is not None:
-                res = done  # this very recipe and seed was trained as an init (e.g. the start of the others)
+            if r_i in chosen and seed == 0:
+                done[(r_i, seed)] = chosen[r_i][1]  # the chosen value's tuning run is seed 0
+            elif (prev := finished_run(trained_folder(teachers, rs), rs)) is not None:
+                done[(r_i, seed)] = prev  # this very recipe and seed was trained as an init (e.g. the start of the others)
             else:
-                res = run_recipe(rs, out=out, name=f"{run_folder_name(label)}-s{seed}", progress=progress,
-                                 refs_out=teachers)
-            runs.append(res)
+                planned.append((r_i, seed, rs))
+                continue
             if on_run:
-                on_run(label, seed, res)
-        rows.append(Row(label, r.method.name, runs, tuned))
+                on_run(label, seed, done[(r_i, seed)])
+
+    def finished(i: int, res: RunResult) -> None:
+        r_i, seed, _ = planned[i]
+        done[(r_i, seed)] = res
+        if on_run:
+            on_run(recipes[r_i][0], seed, res)
+
+    specs = [(rs, out, f"{run_folder_name(recipes[r_i][0])}-s{seed}", teachers) for r_i, seed, rs in planned]
+    run_many(specs, jobs, progress, finished)
+    rows = []
+    for r_i, (label, r) in enumerate(recipes):
+        runs = [done[(r_i, seed)] for seed in range(n_seeds)]
+        rows.append(Row(label, r.method.name, runs, chosen[r_i][2] if r_i in chosen else ""))
     write_leaderboard(out, suite, rows, n_seeds)
     return rows, out
 
+
+
+def _run_one(spec: tuple[Recipe, Path, str, Path]) -> RunResult:
+    recipe, out, name, teachers = spec
+    res = run_recipe(recipe, out=out, name=name, progress=False, refs_out=teachers)
+    res.student = None  # results travel back between processes without the model
+    return res
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_many(specs: list[tuple[Recipe, Path, str, Path]], jobs: int, progress: bool,
+             on_done: Callable[[int, RunResult], None] | None = None) -> list[RunResult]:
+    """``run_recipe`` over ``(recipe, out, name, teachers)`` specs, in order; ``jobs`` > 1: in a pool of
+    that many processes (spawned, each with its share of the CPU threads; on a GPU they share it). A
+    teacher several runs need is trained by the first and waited for by the others (its lock).
+    ``on_done(i, result)`` as each run finishes."""
+    results: list[RunResult | None] = [None] * len(specs)
+    if jobs <= 1 or len(specs) <= 1:
+        for i, (r, o, n, t) in enumerate(specs):
+            results[i] = run_recipe(r, out=o, name=n, progress=progress, refs_out=t)
+            if on_done:
+                on_done(i, results[i])
+        return results  # type: ignore[return-value]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(min(jobs, len(specs)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = {pool.submit(_run_one, spec): i for i, spec in enumerate(specs)}
+        for k, fut in enumerate(as_completed(futures), 1):
+            i = futures[fut]
+            results[i] = fut.result()
+            if on_done:
+                on_done(i, results[i])
+            if progress:
+                print(f"[{k}/{len(specs)}] {specs[i][2]} finished", file=sys.stderr, flush=True)
+    return results  # type: ignore[return-value]
 
 
 def run_suites(
@@ -302,6 +360,7 @@ def run_suites(
     on_run: Callable[[str, int, RunResult], None] | None = None,
     progress: bool = True,
     teachers: str | Path | None = None,
+    jobs: int = 1,
 ) -> tuple[list[tuple[Suite, list[Row], Path]], Path]:
     """``run_suite`` for a plain suite; for a suite of suites (``parts``), each part into
     ``<out>/<part>`` and an index leaderboard in ``out``, every part's teachers trained once into
@@ -309,7 +368,7 @@ def run_suites(
     suite, base = load_suite(ref)
     if not suite.parts:
         rows, folder = run_suite(ref, out=out, seeds=seeds, overrides=overrides, on_run=on_run, progress=progress,
-                                 teachers=teachers)
+                                 teachers=teachers, jobs=jobs)
         return [(suite, rows, folder)], folder
     out = Path(out) if out else Path("runs") / "bench" / suite.name
     parts = []
@@ -319,7 +378,7 @@ def run_suites(
     results = []
     for ref_i, part in parts:
         rows, folder = run_suite(ref_i, out=out / part.name, seeds=seeds or suite.seeds, overrides=overrides,
-                                 on_run=on_run, progress=progress, teachers=teachers or out)
+                                 on_run=on_run, progress=progress, teachers=teachers or out, jobs=jobs)
         results.append((part, rows, folder))
         write_index(out, suite, results)  # the index grows as parts finish
     return results, out

@@ -10,8 +10,8 @@ every sampler is written in those terms, so it serves every parameterisation and
 - ``consistency``: multistep consistency sampling (Song et al. 2023, Alg. 1): x̂₀ = f(x_t, t), then
   re-noised to the next time with fresh noise. One-step generators (DMD, sCM) sample this way.
 
-``time_grid(n)`` is n + 1 uniformly spaced times from 1 to 0 (``t_max`` < 1 only for schedules
-whose α vanishes at 1 under a non-ε parameterisation: there x_t carries no x₀ and ε is x_t).
+``time_grid(n)`` is n + 1 uniformly spaced times from 1 to 0 (from 0.999 for ε-prediction, whose x̂₀
+divides by α, and α(1) = 0).
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ def time_grid(n: int, t_max: float = 1.0, t_min: float = 0.0, device: Any = None
 
 
 def default_t_max(spec: dict[str, Any]) -> float:
-    """1, except where α(1) = 0 and the model does not predict ε (x_1 then holds no x₀)."""
-    return 1.0 if spec["prediction"] == "eps" else 0.999
+    """1, except for ε-prediction: α(1) = 0 in every schedule here, and x̂₀ = (x_t − σε̂)/α."""
+    return 0.999 if spec["prediction"] == "eps" else 1.0
 
 
 @torch.no_grad()
