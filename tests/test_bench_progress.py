@@ -299,3 +299,16 @@ def test_suite_metrics_and_a_suite_of_suites(suite_dir):
     with pytest.raises(RecipeError, match="either recipes or parts"):
         write(suite_dir / "bad.yaml", {"name": "bad", "parts": ["p1"], "recipes": ["ce.yaml"]})
         run_suites(str(suite_dir / "bad.yaml"), out=suite_dir / "bad", progress=False)
+
+
+def test_jobs_run_in_processes_and_give_the_same_runs(suite_dir):
+    # 2 entries × 2 seeds in a pool of 2 processes (the teacher trained by one, waited for by the others):
+    # the same metrics as one after another, and the same leaderboard rows
+    write(suite_dir / "j.yaml", {"name": "j", "seeds": 2, "recipes": ["ce.yaml", "kd.yaml"]})
+    seq, _ = run_suite(str(suite_dir / "j.yaml"), out=suite_dir / "seq", progress=False, teachers=suite_dir / "t1")
+    par, out = run_suite(str(suite_dir / "j.yaml"), out=suite_dir / "par", progress=False, teachers=suite_dir / "t2",
+                         jobs=2)
+    assert [r.label for r in par] == ["ce", "kd"] and (out / "leaderboard.md").is_file()
+    for a, b in zip(seq, par):
+        assert [r.metrics["test/accuracy"] for r in a.runs] == [r.metrics["test/accuracy"] for r in b.runs]
+    assert len(list((suite_dir / "t2" / "_teachers").iterdir())) == 1
