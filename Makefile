@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,examples]"
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,examples,diffusers]"
 	@touch $(STAMP)
 
 install: $(STAMP)

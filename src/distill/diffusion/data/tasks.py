@@ -35,6 +35,7 @@ from distill.core.checkpoint import cpu_tensors
 from distill.core.distiller import TaskInfo
 from distill.core.refs import ModelFormat
 from distill.core.registry import FORMATS, TASKS, Params
+from distill.diffusion import hf_diffusers
 from distill.diffusion import metrics as M
 from distill.diffusion.models import build_denoiser, diffusion_spec
 from distill.diffusion.sampling import nfe, timed_sample
@@ -162,6 +163,10 @@ class DiffusionTaskData:
         return build_denoiser(spec["name"], spec["params"], self.shape, self.num_classes)
 
     def load_model(self, folder: Path) -> nn.Module:
+        if hf_diffusers.is_diffusers_folder(folder):  # distill[diffusers]: a pipeline or UNet folder
+            model = hf_diffusers.load_diffusers_unet(Path(folder), num_classes=self.num_classes or None)
+            hf_diffusers.check_task(model, self.shape, self.num_classes, folder)
+            return model
         model = load_denoiser(Path(folder))
         cfg = model.saved_config
         if tuple(cfg["shape"]) != self.shape or int(cfg["num_classes"]) != self.num_classes:
@@ -170,12 +175,17 @@ class DiffusionTaskData:
         return model
 
     def saved_spec(self, folder: Path) -> dict[str, Any] | None:
+        if hf_diffusers.is_diffusers_folder(folder):
+            return None
         _, cfg = _config(Path(folder))
         return {"name": cfg["arch"], "params": cfg["params"]} if cfg.get("arch") else None
 
     def save_model(self, folder: Path, model: nn.Module, spec: dict[str, Any] | None) -> None:
-        save_denoiser(folder, model, spec, self.shape, self.num_classes)
-        x, cond, _ = self.generate(model, 64 if len(self.shape) > 1 else 1000)
+        if hf_diffusers.exportable(model):  # a diffusers UNet student saves as a diffusers pipeline
+            hf_diffusers.save_pipeline(folder, model)
+        else:
+            save_denoiser(folder, model, spec, self.shape, self.num_classes)
+        x, cond, _ = self.generate(model, 8 * max(self.num_classes, 8) if len(self.shape) > 1 else 1000)  # a row per class
         s = diffusion_spec(model)
         M.sample_grid(folder / "samples.png", x, self.test.x if len(self.shape) == 1 else None,
                       f"{self.name}: {s['sampler']} × {s['steps']} steps, guidance {s.get('guidance', 1.0):g}",
@@ -210,7 +220,7 @@ class DiffusionTaskData:
         return evaluate
 
     def final_metrics(self, student: nn.Module, teacher: nn.Module | None) -> dict[str, float]:
-        out = {f"test/{k}": v for k, v in self.metrics(student, self.test, self.val, self.num_eval).items()}
+        out = {f"test/{k}": v for k, v in self.metrics(student, self.test, self.train, self.num_eval).items()}
         out.update({f"val/{k}": v for k, v in self.evaluator(teacher)(student).items()})
         out["params/student"] = sum(p.numel() for p in student.parameters())
         if teacher is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
 from torch import Tensor
 
 from distill.core.distiller import Step
