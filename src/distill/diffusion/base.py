@@ -83,6 +83,9 @@ class DiffusionDistiller(Distiller):
         _, s = self.s_sched.alpha_sigma(bcast(tt, noise))
         return self.student_x0_eps(s * noise, tt, cond, model)[0]  # x_t carries no x₀ at t = 1
 
+    def cache_teacher(self, x: Tensor, batch_size: int = 1024) -> None:
+        """No logits cache: a denoiser's output depends on (x_t, t, cond), drawn afresh every step."""
+
     # --- multi-rate and EMA -------------------------------------------------------------------------------
     def phase(self, cycle: list[str]) -> str:
         """Which group this optimizer step trains: ``cycle[updates mod len(cycle)]``."""

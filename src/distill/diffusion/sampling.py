@@ -1,6 +1,7 @@
 """Classifier-free guidance and samplers over the continuous time of ``schedules.py``.
 
 ``predict`` calls a denoiser (with CFG ``u + w·(c − u)``: w = 1 is no guidance) and returns (x₀, ε);
+a student with a guidance input (LCM's w-embedding) gets ``model.diffusion["w"]`` when it is set;
 every sampler is written in those terms, so it serves every parameterisation and schedule:
 
 - ``euler`` / ``ddim``: the deterministic DDIM update x_s = α_s·x̂₀ + σ_s·ε̂ (Song et al. 2021, Eq. 12
@@ -44,6 +45,8 @@ def predict(model: nn.Module, x_t: Tensor, t: Tensor, cond: Tensor | None = None
     spec = diffusion_spec(model)
     sched = get_schedule(spec["schedule"])
     t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
+    if w_input is None and spec.get("w") is not None:  # a w-embedding student samples at its saved w
+        w_input = torch.full((x_t.shape[0],), float(spec["w"]), device=x_t.device)
     if cond is not None and guidance != 1.0 and num_classes:
         both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null_labels(cond, num_classes)]),
                      None if w_input is None else torch.cat([w_input, w_input]))
