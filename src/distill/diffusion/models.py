@@ -38,16 +38,16 @@ def timestep_embedding(t: Tensor, dim: int, scale: float = 1000.0) -> Tensor:
 class Conditioning(nn.Module):
     """Time (+ class, + guidance scale) -> one embedding of ``dim``."""
 
-    def __init__(self, dim: int, num_classes: int, guidance_embed: bool) -> None:
+    def __init__(self, dim: int, num_classes: int, guidance_embed: bool, time_scale: float = 1000.0) -> None:
         super().__init__()
-        self.dim, self.num_classes = dim, num_classes
+        self.dim, self.num_classes, self.time_scale = dim, num_classes, time_scale
         self.time = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.label = nn.Embedding(num_classes + 1, dim) if num_classes else None  # + the null label
         self.guide = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim)) if guidance_embed else None
 
     def forward(self, t: Tensor, cond: Tensor | None, w: Tensor | None) -> Tensor:
         t = t.reshape(-1).expand(t.numel() if t.numel() > 1 else 1)
-        e = self.time(timestep_embedding(t, self.dim))
+        e = self.time(timestep_embedding(t, self.dim, self.time_scale))
         if self.label is not None:
             c = cond if cond is not None else torch.full((e.shape[0],), self.num_classes, device=e.device)
             e = e + self.label(c.clamp(0, self.num_classes))
@@ -58,9 +58,10 @@ class Conditioning(nn.Module):
 
 
 class MLPDenoiser(nn.Module):
-    def __init__(self, dim: int, hidden: int, depth: int, num_classes: int, guidance_embed: bool) -> None:
+    def __init__(self, dim: int, hidden: int, depth: int, num_classes: int, guidance_embed: bool,
+                 time_scale: float = 1000.0) -> None:
         super().__init__()
-        self.emb = Conditioning(hidden, num_classes, guidance_embed)
+        self.emb = Conditioning(hidden, num_classes, guidance_embed, time_scale)
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(depth))
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
@@ -91,10 +92,11 @@ class ResBlock(nn.Module):
 class SmallUNet(nn.Module):
     """8×8 (or any even side) images: res blocks at full and half resolution, one skip connection."""
 
-    def __init__(self, channels: int, width: int, num_classes: int, guidance_embed: bool) -> None:
+    def __init__(self, channels: int, width: int, num_classes: int, guidance_embed: bool,
+                 time_scale: float = 1000.0) -> None:
         super().__init__()
         w1, w2, e = width, 2 * width, 4 * width
-        self.emb = Conditioning(e, num_classes, guidance_embed)
+        self.emb = Conditioning(e, num_classes, guidance_embed, time_scale)
         self.inp = nn.Conv2d(channels, w1, 3, padding=1)
         self.down1 = ResBlock(w1, w1, e)
         self.pool = nn.Conv2d(w1, w1, 3, stride=2, padding=1)
@@ -114,6 +116,9 @@ class DenoiserParams(Params):
     prediction: Literal["eps", "x0", "v", "velocity"] = Field("velocity", description="what the network predicts")
     schedule: Literal["flow", "vp_cosine", "trigflow"] = Field("flow", description="x_t = α(t)x₀ + σ(t)ε")
     guidance_embed: bool = Field(False, description="take the guidance scale w as an input (LCM, SANA-Sprint)")
+    time_scale: float = Field(1000.0, gt=0, description="the time embedding reads time_scale·t (DDPM: 1000); "
+                              "continuous-time consistency (sCM) wants a small one: SANA-Sprint's dense time "
+                              "embedding, a bounded ∂F/∂t for the tangent")
 
 
 class MLPDenoiserParams(DenoiserParams):
@@ -135,7 +140,7 @@ def _diffusion_arch(factory):
 def mlp_denoiser(p: MLPDenoiserParams, shape: tuple[int, ...], num_classes: int) -> nn.Module:
     if len(shape) != 1:
         raise RecipeError(f"mlp_denoiser takes vectors, not data of shape {shape}: use unet_small for images")
-    return MLPDenoiser(shape[0], p.hidden, p.depth, num_classes, p.guidance_embed)
+    return MLPDenoiser(shape[0], p.hidden, p.depth, num_classes, p.guidance_embed, p.time_scale)
 
 
 @ARCHS.register("unet_small", "two-resolution UNet denoiser for small images (8×8 digits)", UNetParams)
@@ -143,7 +148,7 @@ def mlp_denoiser(p: MLPDenoiserParams, shape: tuple[int, ...], num_classes: int)
 def unet_small(p: UNetParams, shape: tuple[int, ...], num_classes: int) -> nn.Module:
     if len(shape) != 3:
         raise RecipeError(f"unet_small takes images [C, H, W], not data of shape {shape}: use mlp_denoiser")
-    return SmallUNet(shape[0], p.width, num_classes, p.guidance_embed)
+    return SmallUNet(shape[0], p.width, num_classes, p.guidance_embed, p.time_scale)
 
 
 def build_denoiser(name: str, params: dict[str, Any], shape: tuple[int, ...], num_classes: int) -> nn.Module:
