@@ -189,3 +189,18 @@ def test_teacher_training_and_naive_sampling_end_to_end(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)  # untouched weights
     assert n.metrics["test/nfe"] == 1
     assert n.metrics["test/mmd"] > 5 * max(m["test/mmd"], 1e-3)  # one Euler step blurs the ring: the baseline to beat
+
+
+def test_digits_task_measures_real_images_as_good_and_noise_as_bad():
+    from distill.core.registry import TASKS
+
+    entry = TASKS.get("digits-diffusion")
+    task = entry.obj(entry.params())
+    test, train = task.test, task.train
+    real = task.sample_metrics(test.x, test.y, test.x, train.x[:400])
+    assert real["class_acc"] > 0.9  # the measuring classifier reads real digits
+    assert real["fd"] == pytest.approx(0.0, abs=1e-6) and real["mmd"] < 0.01  # a set against itself
+    g = torch.Generator().manual_seed(0)
+    blurred = test.x + 0.5 * torch.randn(test.x.shape, generator=g)
+    bad = task.sample_metrics(blurred.clamp(-1, 1), test.y, test.x, train.x[:400])
+    assert bad["fd"] > 3 * real["fd_floor"] and bad["class_acc"] < real["class_acc"] and bad["mmd"] > 10 * real["mmd_floor"]
