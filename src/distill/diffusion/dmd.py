@@ -29,8 +29,11 @@ def dmd_grad(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
     return torch.nan_to_num((p_real - p_fake) / norm)
 
 
+def grad_loss(x: Tensor, grad: Tensor) -> Tensor:
+    """½·MSE(x, sg(x − grad)) in float64: ∂/∂x = grad / x.numel() (DMD2's surrogate)."""
+    return 0.5 * F.mse_loss(x.double(), (x.double() - grad).detach()).to(x.dtype)
+
+
 def dmd_loss(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
-    """½·MSE(x, sg(x − grad)): its gradient in x is grad / x.numel() (``dmd_grad``)."""
-    grad = dmd_grad(x.detach(), x0_real.detach(), x0_fake.detach())
-    target = (x.double() - grad).detach()
-    return 0.5 * F.mse_loss(x.double(), target).to(x.dtype)
+    """``grad_loss`` of DMD2's gradient: its gradient in x is ``dmd_grad`` / x.numel()."""
+    return grad_loss(x, dmd_grad(x.detach(), x0_real.detach(), x0_fake.detach()))
