@@ -89,7 +89,7 @@ _SEEDS: tuple[tuple[str, str, str, int | None, str], ...] = (
     ("S44", "Swing Distillation: A Privacy-Preserving Knowledge Distillation Framework", "Li et al.", 2022, "2212.08349"),
     ("S45", "Generic-to-Specific Distillation of Masked Autoencoders", "Huang et al.", 2023, "2302.14771"),
     ("S46", "Generating Synthetic Fair Syntax-agnostic Data by Learning and Distilling Fair Representation", "", 2024, "2408.10755"),
-    ("S47", "Large Scale Diffusion Distillation via Score-Regularized Continuous-Time Consistency", "", 2025, ""),
+    ("S47", "Large Scale Diffusion Distillation via Score-Regularized Continuous-Time Consistency", "", 2025, "2510.08431"),
     ("S48", "DDK: Distilling Domain Knowledge for Efficient Large Language Models", "Liu et al.", 2024, "2407.16154"),
     ("S49", "Linear Projections of Teacher Embeddings for Few-Class Distillation", "Loo et al.", 2024, "2409.20449"),
     ("S50", "Few-step Flow for 3D Generation via Marginal-Data Transport Distillation", "", 2025, ""),
@@ -98,7 +98,7 @@ _SEEDS: tuple[tuple[str, str, str, int | None, str], ...] = (
     ("S53", "ACAM-KD: Adaptive and Cooperative Attention Masking for Knowledge Distillation", "", 2025, "2503.06307"),
     ("S54", "Flash-DMD: Towards High-Fidelity Few-Step Image Generation with Efficient Distillation and Joint Reinforcement Learning", "", 2025, "2511.20549"),
     ("S55", "CALICO: Self-Supervised Camera-LiDAR Contrastive Pre-training for BEV Perception", "", 2023, "2306.00349"),
-    ("S56", "SANA-Sprint: One-Step Diffusion with Continuous-Time Consistency Distillation", "", 2025, ""),
+    ("S56", "SANA-Sprint: One-Step Diffusion with Continuous-Time Consistency Distillation", "Chen et al.", 2025, "2503.09641"),
     ("S57", "Distilling Diversity and Control in Diffusion Models", "", 2025, ""),
     ("S58", "Efficient Dataset Distillation through Alignment with Smooth and High-Quality Expert Trajectories", "", 2023, ""),
     ("S59", "DisWOT: Student Architecture Search for Distillation WithOut Training", "Dong et al.", 2023, "2303.15678"),
@@ -115,8 +115,7 @@ _BASELINES: tuple[Paper, ...] = (
           note="a baseline, not one paper"),
     Paper("B5", "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes", "Agarwal et al.",
           2023, "2306.13649", note="GKD; ICLR 2024"),
-    Paper("B6", "Progressive Distillation for Fast Sampling of Diffusion Models", "", 2022, "2202.00512",
-          note="the diffusion family is not implemented yet"),
+    Paper("B6", "Progressive Distillation for Fast Sampling of Diffusion Models", "Salimans & Ho", 2022, "2202.00512"),
 )
 
 _OTHERS: tuple[Paper, ...] = (
@@ -134,6 +133,15 @@ _OTHERS: tuple[Paper, ...] = (
     Paper("Ahn2019", "Variational Information Distillation for Knowledge Transfer", "Ahn et al.", 2019, "1904.05835"),
     Paper("Tian2020", "Contrastive Representation Distillation", "Tian et al.", 2019, "1910.10699"),
     Paper("Chen2021", "Distilling Knowledge via Knowledge Review", "Chen et al.", 2021, "2104.09044"),
+    # the diffusion family (issue 14): its teachers, consistency and distribution-matching baselines
+    Paper("Lipman2023", "Flow Matching for Generative Modeling", "Lipman et al.", 2022, "2210.02747"),
+    Paper("Song2023", "Consistency Models", "Song et al.", 2023, "2303.01469"),
+    Paper("Luo2023", "Latent Consistency Models: Synthesizing High-Resolution Images with Few-Step Inference",
+          "Luo et al.", 2023, "2310.04378"),
+    Paper("Lu2024", "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models", "Lu & Song", 2024,
+          "2410.11081", note="sCM: the TrigFlow tangent that S56 and S47 build on"),
+    Paper("Yin2024", "Improved Distribution Matching Distillation for Fast Image Synthesis", "Yin et al.", 2024,
+          "2405.14867", note="DMD2"),
     Paper("Gao2021", "SimCSE: Simple Contrastive Learning of Sentence Embeddings", "Gao et al.", 2021, "2104.08821"),
 )
 
@@ -196,6 +204,20 @@ METHOD_PAPERS: dict[str, tuple[str, ...]] = {
     "vid": ("Ahn2019",),
     "crd": ("Tian2020",),
     "reviewkd": ("Chen2021",),
+    # diffusion (distill/diffusion/methods)
+    "diffusion_train": ("Lipman2023",),
+    "naive": (),
+    "progressive": ("B6",),
+    "cd": ("Song2023", "Luo2023"),
+    "scott": ("S36",),
+    "tscd": ("S25",),
+    "scm": ("S56", "Lu2024"),
+    "sana_sprint": ("S56",),
+    "rcm": ("S47",),
+    "dmd": ("Yin2024",),
+    "decoupled_dmd": ("S16",),
+    "phased_dmd": ("S17",),
+    "flash_dmd": ("S54",),
     "sentence_kd": ("Romero2015",),
     "simcse": ("Gao2021",),
 }
