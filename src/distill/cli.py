@@ -479,7 +479,8 @@ def _print_params(params, section: str) -> None:
 
 
 def _print_paper(label: str, p) -> None:
-    out_console.print(f"{label:<7}{p.id:<5}{p.title}", highlight=False, soft_wrap=True, markup=False)
+    out_console.print(f"{label:<7}{p.id:<5}{p.title}" if len(p.id) < 5 else f"{label:<7}{p.id}  {p.title}",
+                      highlight=False, soft_wrap=True, markup=False)
     more = ", ".join(x for x in (p.cite(), p.url) if x and x != "—")
     if more or not p.note:
         out_console.print(f"{'':<12}{more or 'authors, year and arXiv id: not known here'}", highlight=False,
