@@ -68,11 +68,14 @@ def test_every_shipped_recipe_runs_shortened(name, tmp_path):
     """Each shipped recipe end to end with its own method and model, shortened to one small epoch (its
     teachers too): it trains, and reports test metrics (accuracy in [0, 1] where it has one)."""
     r = load_recipe(name)
-    small = {"num_train": 200, "num_val": 50, "num_test": 100, "num_transfer": 200} if r.task.name.startswith("mnist1d") else {}
+    small = ({"num_train": 200, "num_val": 50, "num_test": 100, "num_transfer": 200} if r.task.name.startswith("mnist1d")
+             else {"num_train": 1000, "num_val": 200, "num_test": 200, "num_eval": 200} if r.task.name.startswith("ring8")
+             else {"num_eval": 100} if r.task.name == "digits-diffusion" else {})
     sets = [f"task.{k}={v}" for k, v in small.items() if k in r.task.params] + [
         "train.epochs=1", "train.progress=false", "train.trackers=none"]
     r = load_recipe(name, sets)
-    r = r.model_copy(update={"teacher": _shortened(r.teacher, sets, tmp_path, 0)})
+    r = r.model_copy(update={"teacher": _shortened(r.teacher, sets, tmp_path, 0),
+                             "init": _shortened(r.init, sets, tmp_path, 1)})
     res = run_recipe(r, out=tmp_path / "runs")
     assert any(k.startswith("test/") for k in res.metrics)
     if "test/accuracy" in res.metrics:
