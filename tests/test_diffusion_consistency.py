@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import resume_round_trip
+from diffusion_helpers import tiny
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -26,7 +28,6 @@ from distill.diffusion.methods.scott import Scott, ScottParams
 from distill.diffusion.methods.tscd import TSCD, TSCDParams
 from distill.diffusion.sampling import step as sampler_step
 from distill.diffusion.schedules import get_schedule
-from distill.errors import Interrupted
 
 FLOW = get_schedule("flow")
 SPEC = {"schedule": "flow", "prediction": "velocity", "sampler": "euler", "steps": 50, "guidance": 1.0}
@@ -329,39 +330,13 @@ def test_tscd_target_maps_to_the_segment_start():
 
 
 # --- end to end: tiny runs, bitwise resume ---------------------------------------------------------------------
-TASK = {"name": "ring8", "num_train": 512, "num_val": 100, "num_test": 200, "num_eval": 100}
-TRAIN = {"epochs": 50, "batch_size": 64, "lr": 0.001, "optimizer": "adam", "schedule": "constant",
-         "progress": False, "trackers": "none", "log_every": 1, "eval_every": 1000}
-
-
-def tiny_teacher() -> dict:
-    return {"name": "tiny-ring-teacher", "seed": 0, "task": TASK,
-            "student": {"arch": "mlp_denoiser", "hidden": 32, "depth": 2, "prediction": "velocity", "schedule": "flow"},
-            "method": {"name": "diffusion_train", "steps": 8},
-            "train": {**TRAIN, "max_steps": 60, "lr": 0.003}}
-
-
-def tiny(name: str, method_: dict, max_steps: int) -> dict:
-    return {"name": name, "seed": 0, "task": TASK, "teacher": {"recipe": tiny_teacher()},
-            "init": {"recipe": tiny_teacher()}, "method": method_, "train": {**TRAIN, "max_steps": max_steps}}
-
-
 def resume_bitwise(data: dict, runs, stop: int):
-    straight = run_recipe(recipe_from_dict(data), out=runs / "a", refs_out=runs)
-    with pytest.raises(Interrupted):
-        run_recipe(recipe_from_dict(data), out=runs / "b", refs_out=runs, stop_at_step=stop)
-    resumed = run_recipe(recipe_from_dict(data), out=runs / "b", refs_out=runs, resume=True)
-    for name in ("student/model.safetensors", "checkpoints/latest/model.safetensors"):
-        wa, wb = load_file(str(straight.run_dir / name)), load_file(str(resumed.run_dir / name))
-        assert wa.keys() == wb.keys()
-        for k in wa:
-            torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=f"{name}: {k}")
-    assert straight.metrics["test/mmd"] == resumed.metrics["test/mmd"]
+    straight, _ = resume_round_trip(data, runs, stop)
     return straight, load_file(str(straight.run_dir / "checkpoints/latest/model.safetensors"))
 
 
 def test_cd_end_to_end_resumes_bitwise_with_its_ema_target(tmp_path):
-    straight, ck = resume_bitwise(tiny("cd", {"name": "cd", "steps": 2, "ema_decay": 0.9}, 6), tmp_path, 3)
+    straight, ck = resume_bitwise(tiny({"name": "cd", "steps": 2, "ema_decay": 0.9}, 6, "cd"), tmp_path, 3)
     assert any(k.startswith("target.") for k in ck) and int(ck["updates"]) == 6
     assert straight.metrics["test/steps"] == 2 and straight.metrics["test/nfe"] == 2
     diff = max((ck[k] - ck["student." + k[len("target."):]]).abs().max().item() for k in ck if k.startswith("target."))
@@ -370,7 +345,7 @@ def test_cd_end_to_end_resumes_bitwise_with_its_ema_target(tmp_path):
 
 def test_progressive_end_to_end_resumes_across_a_round(tmp_path):
     # rounds 2 -> 1 steps, 3 optimizer steps each; interrupted after the hand-over, resumed
-    straight, ck = resume_bitwise(tiny("pd", {"name": "progressive", "steps": 1, "start_steps": 4}, 6), tmp_path, 4)
+    straight, ck = resume_bitwise(tiny({"name": "progressive", "steps": 1, "start_steps": 4}, 6, "pd"), tmp_path, 4)
     assert int(ck["round"]) == 1 and any(k.startswith("round_teacher.") for k in ck)
     rows = [r for r in straight.history if "train/round_steps" in r]
     assert [r["train/round_steps"] for r in rows] == [2, 2, 2, 1, 1, 1]
@@ -378,7 +353,7 @@ def test_progressive_end_to_end_resumes_across_a_round(tmp_path):
 
 @pytest.mark.parametrize("name,extra", [("scott", {"eta": 0.5}), ("tscd", {"stages": [2, 1]})])
 def test_scott_and_tscd_end_to_end(tmp_path, name, extra):
-    res = run_recipe(recipe_from_dict(tiny(name, {"name": name, "steps": 4, **extra}, 4)), out=tmp_path)
+    res = run_recipe(recipe_from_dict(tiny({"name": name, "steps": 4, **extra}, 4, name)), out=tmp_path)
     assert res.metrics["test/steps"] == 4 and 0 <= res.metrics["test/precision"] <= 1
     if name == "tscd":
         assert [r["train/segments"] for r in res.history if "train/segments" in r] == [2, 2, 1, 1]

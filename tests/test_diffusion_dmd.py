@@ -7,6 +7,8 @@ import copy
 import math
 
 import pytest
+from conftest import resume_round_trip
+from diffusion_helpers import tiny
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -23,7 +25,6 @@ from distill.diffusion.methods.phased_dmd import PhasedDMD, PhasedParams
 from distill.diffusion.models import build_denoiser
 from distill.diffusion.sampling import default_t_max, time_grid
 from distill.diffusion.schedules import get_schedule
-from distill.errors import Interrupted
 from distill.tasks.base import ArrayDataset
 
 SPEC = {"schedule": "flow", "prediction": "velocity", "sampler": "euler", "steps": 8, "guidance": 1.0}
@@ -359,23 +360,6 @@ def test_flash_reward_sign_and_timestep_weights():
 
 
 # --- (4) end to end, exact resume mid-cycle -----------------------------------------------------------------------
-TASK = {"name": "ring8", "num_train": 512, "num_val": 100, "num_test": 200, "num_eval": 100}
-TRAIN = {"epochs": 50, "batch_size": 64, "lr": 0.001, "optimizer": "adam", "schedule": "constant",
-         "progress": False, "trackers": "none", "log_every": 1, "eval_every": 1000}
-
-
-def tiny_teacher() -> dict:
-    return {"name": "tiny-ring-teacher", "seed": 0, "task": TASK,
-            "student": {"arch": "mlp_denoiser", "hidden": 32, "depth": 2, "prediction": "velocity", "schedule": "flow"},
-            "method": {"name": "diffusion_train", "steps": 8},
-            "train": {**TRAIN, "max_steps": 60, "lr": 0.003}}
-
-
-def tiny(method: dict, max_steps: int) -> dict:
-    return {"name": f"tiny-{method['name']}", "seed": 0, "task": TASK, "teacher": {"recipe": tiny_teacher()},
-            "init": {"recipe": tiny_teacher()}, "method": method, "train": {**TRAIN, "max_steps": max_steps}}
-
-
 @pytest.fixture(scope="module")
 def refs(tmp_path_factory):
     return tmp_path_factory.mktemp("refs")
@@ -383,15 +367,7 @@ def refs(tmp_path_factory):
 
 def test_dmd_end_to_end_resumes_mid_cycle_bitwise(tmp_path, refs):
     data = tiny({"name": "dmd", "steps": 2, "critic_steps": 3, "gan_weight": 0.01}, 10)
-    straight = run_recipe(recipe_from_dict(data), out=tmp_path / "a", refs_out=refs)
-    with pytest.raises(Interrupted):  # step 5 of cycles of 4: inside the second cycle
-        run_recipe(recipe_from_dict(data), out=tmp_path / "b", refs_out=refs, stop_at_step=5)
-    resumed = run_recipe(recipe_from_dict(data), out=tmp_path / "b", refs_out=refs, resume=True)
-    for name in ("student/model.safetensors", "checkpoints/latest/model.safetensors"):
-        wa, wb = load_file(str(straight.run_dir / name)), load_file(str(resumed.run_dir / name))
-        assert wa.keys() == wb.keys()
-        for k in wa:
-            torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=f"{name}: {k}")
+    straight, resumed = resume_round_trip(data, tmp_path, 5)  # step 5 of cycles of 4: inside the second cycle
     ck = load_file(str(straight.run_dir / "checkpoints/latest/model.safetensors"))
     assert int(ck["updates"]) == 10 and any(k.startswith("critic.") for k in ck) and any(k.startswith("gan.") for k in ck)
     assert straight.metrics["test/mmd"] == resumed.metrics["test/mmd"]

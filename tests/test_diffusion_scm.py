@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import resume_round_trip
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -24,7 +25,6 @@ from distill.diffusion.methods.sana_sprint import SanaSprint, SanaSprintParams
 from distill.diffusion.methods.scm import SCM, SCMParams
 from distill.diffusion.models import build_denoiser
 from distill.diffusion.schedules import get_schedule, to_x0_eps
-from distill.errors import Interrupted
 
 M, SD = 1.0, 0.5  # the data N(M, SD²)
 SPEC = {"schedule": "flow", "prediction": "velocity", "sampler": "euler", "steps": 50, "guidance": 1.0}
@@ -284,15 +284,7 @@ def test_end_to_end_and_exact_resume(tmp_path, method):
     straight = run_recipe(recipe_from_dict(data), out=tmp_path / "a")
     assert straight.metrics["test/nfe"] == 2 and straight.metrics["test/steps"] == 2
     assert math.isfinite(straight.metrics["test/mmd"])
-    r = recipe_from_dict(data)
-    with pytest.raises(Interrupted):
-        run_recipe(r, out=tmp_path / "b", stop_at_step=5)
-    resumed = run_recipe(r, out=tmp_path / "b", resume=True)
-    for name in ("student/model.safetensors", "checkpoints/latest/model.safetensors"):
-        wa, wb = load_file(str(straight.run_dir / name)), load_file(str(resumed.run_dir / name))
-        assert wa.keys() == wb.keys()
-        for k in wa:
-            torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=f"{name}: {k}")
+    _, resumed = resume_round_trip(data, tmp_path / "r", 5)
     ck = load_file(str(straight.run_dir / "checkpoints/latest/model.safetensors"))
     extra = {"scm": "logvar.", "sana_sprint": "disc.", "rcm": "critic."}[method["name"]]
     assert any(k.startswith(extra) for k in ck) and int(ck["updates"]) == 8  # the extra module is checkpointed

@@ -9,9 +9,10 @@ first offending keys, so a partial, empty or foreign file never yields a silentl
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -68,3 +69,13 @@ def check(expected: dict[str, tuple[int, ...]], files: Iterable[Path], ignore_mi
 def shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """A (meta) model's state dict as ``{key: shape}``."""
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def load_checked(build: Callable[[], nn.Module], weights: Path) -> nn.Module:
+    """``build()`` with ``weights`` loaded, after checking the file's keys and shapes against a model built
+    on the meta device (from the header: nothing is materialised before the file is known to fit)."""
+    with torch.device("meta"):
+        check(shapes(build()), [weights])
+    model = build()
+    model.load_state_dict(read(weights))
+    return model

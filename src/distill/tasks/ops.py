@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import save_file
 from torch import nn
 
@@ -51,11 +50,7 @@ def load_classifier(folder: Path) -> nn.Module:
             f"{folder} holds a custom model ({cfg.get('class')}); build it yourself and load {weights} with safetensors"
         )
     args = (cfg["arch"], cfg["params"], tuple(cfg["input_shape"]), cfg["num_classes"])
-    with torch.device("meta"):  # keys and shapes first, from the header: nothing materialised yet
-        weights_check.check(weights_check.shapes(build_arch(*args)), [weights])
-    model = build_arch(*args)
-    model.load_state_dict(weights_check.read(weights))
-    return model
+    return weights_check.load_checked(lambda: build_arch(*args), weights)
 
 
 FORMATS.register(STUDENT_FORMAT, "a classifier run's student/ (model.safetensors + config.json)")(

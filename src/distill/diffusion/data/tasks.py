@@ -77,10 +77,7 @@ def load_denoiser(folder: Path) -> nn.Module:
         raise MissingFileError(f"{folder} holds a custom denoiser ({cfg.get('class')}); build it yourself and load "
                                f"{weights} with safetensors")
     args = (cfg["arch"], cfg["params"], tuple(cfg["shape"]), int(cfg["num_classes"]))
-    with torch.device("meta"):  # keys and shapes from the header before anything is materialised
-        weights_check.check(weights_check.shapes(build_denoiser(*args)), [weights])
-    model = build_denoiser(*args)
-    model.load_state_dict(weights_check.read(weights))
+    model = weights_check.load_checked(lambda: build_denoiser(*args), weights)
     model.diffusion = dict(cfg["diffusion"])
     model.saved_config = cfg  # type: ignore[assignment]
     return model

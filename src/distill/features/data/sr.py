@@ -99,10 +99,7 @@ def load_sr_model(folder: Path) -> nn.Module:
         raise MissingFileError(f"{folder} holds a custom model ({cfg.get('class')}); build it yourself and load "
                                f"{weights} with safetensors")
     args = (cfg["arch"], cfg["params"], tuple(cfg["input_shape"]), int(cfg["scale"]))
-    with torch.device("meta"):  # keys and shapes from the header before anything is materialised
-        weights_check.check(weights_check.shapes(build_sr_model(*args)), [weights])
-    model = build_sr_model(*args)
-    model.load_state_dict(weights_check.read(weights))
+    model = weights_check.load_checked(lambda: build_sr_model(*args), weights)
     model.sr_config = cfg  # type: ignore[assignment]  # what it was trained for, checked against the task
     return model
 
