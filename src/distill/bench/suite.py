@@ -309,9 +309,17 @@ def run_suite(
 
 
 
-def _run_one(spec: tuple[Recipe, Path, str, Path]) -> RunResult:
+def _run_spec(spec: tuple[Recipe, Path, str, Path], progress: bool) -> RunResult:
+    """One planned run, unless an earlier run trained this very recipe and seed as an init meanwhile (an
+    entry started from another entry's runs, ``seed: same``): then that run."""
     recipe, out, name, teachers = spec
-    res = run_recipe(recipe, out=out, name=name, progress=False, refs_out=teachers)
+    if (done := finished_run(trained_folder(teachers, recipe), recipe)) is not None:
+        return done
+    return run_recipe(recipe, out=out, name=name, progress=progress, refs_out=teachers)
+
+
+def _run_one(spec: tuple[Recipe, Path, str, Path]) -> RunResult:
+    res = _run_spec(spec, False)
     res.student = None  # results travel back between processes without the model
     return res
 
@@ -326,12 +334,14 @@ def run_many(specs: list[tuple[Recipe, Path, str, Path]], jobs: int, progress: b
              on_done: Callable[[int, RunResult], None] | None = None) -> list[RunResult]:
     """``run_recipe`` over ``(recipe, out, name, teachers)`` specs, in order; ``jobs`` > 1: in a pool of
     that many processes (spawned, each with its share of the CPU threads; on a GPU they share it). A
-    teacher several runs need is trained by the first and waited for by the others (its lock).
+    teacher several runs need is trained by the first and waited for by the others (its lock); a run
+    that another entry trains as its init is reused when that init is finished first (in a pool the two
+    may also run at once: trained twice, same result).
     ``on_done(i, result)`` as each run finishes."""
     results: list[RunResult | None] = [None] * len(specs)
     if jobs <= 1 or len(specs) <= 1:
-        for i, (r, o, n, t) in enumerate(specs):
-            results[i] = run_recipe(r, out=o, name=n, progress=progress, refs_out=t)
+        for i, spec in enumerate(specs):
+            results[i] = _run_spec(spec, progress)
             if on_done:
                 on_done(i, results[i])
         return results  # type: ignore[return-value]
