@@ -370,7 +370,8 @@ def _bench(suite: str, seeds: Optional[int], out: Optional[Path], set_: list[str
         elif "test/exact_match" in m:
             shown = f"exact match {100 * m['test/exact_match']:.2f} %  perplexity {m['test/perplexity']:.3f}"
         else:  # a task of its own: its first test metrics
-            shown = "  ".join(f"{k.removeprefix('test/')} {v:.4g}" for k, v in list(m.items()) if k.startswith("test/"))[:80]
+            shown = "  ".join(f"{k.removeprefix('test/')} {v:.4g}" for k, v in m.items()
+                              if k.startswith("test/") and not k.endswith("_floor"))[:80]  # floors: data vs data
         out_console.print(f"  [green]✓[/] {label:<14} seed {seed}  {shown}  ({m.get('time/train_s', 0):.1f} s)",
                           highlight=False)
 
