@@ -284,13 +284,10 @@ def run_suite(
             rs = r.model_copy(update={"seed": seed})
             if r_i in chosen and seed == 0:
                 done[(r_i, seed)] = chosen[r_i][1]  # the chosen value's tuning run is seed 0
-            elif (prev := finished_run(trained_folder(teachers, rs), rs)) is not None:
-                done[(r_i, seed)] = prev  # this very recipe and seed was trained as an init (e.g. the start of the others)
-            else:
+                if on_run:
+                    on_run(label, seed, done[(r_i, seed)])
+            else:  # _run_spec reuses this very recipe and seed where it was trained as an init
                 planned.append((r_i, seed, rs))
-                continue
-            if on_run:
-                on_run(label, seed, done[(r_i, seed)])
 
     def finished(i: int, res: RunResult) -> None:
         r_i, seed, _ = planned[i]

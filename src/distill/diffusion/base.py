@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from distill.core.distiller import Distiller, TaskInfo
 from distill.core.registry import Params
-from distill.diffusion.models import diffusion_spec, ema_update
+from distill.diffusion.models import diffusion_spec
 from distill.diffusion.sampling import predict
 from distill.diffusion.schedules import Schedule, bcast, get_schedule
 from distill.errors import MismatchError
@@ -36,6 +36,7 @@ class DiffusionParams(Params):
 class DiffusionDistiller(Distiller):
     uses_unlabeled = True
     student_sampler: ClassVar[str] = "consistency"  # one- and few-step generators re-noise between steps
+    same_schedule: ClassVar[bool] = True  # teacher and student must share a schedule
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, params: Params, info: TaskInfo) -> None:
         super().__init__(student, teacher, params, info)
@@ -51,8 +52,6 @@ class DiffusionDistiller(Distiller):
                 raise MismatchError(f"{type(self).__name__}: teacher ({t_spec['schedule']}) and student "
                                     f"({s_spec['schedule']}) must share a schedule")
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
-
-    same_schedule: ClassVar[bool] = True
 
     # --- data ---------------------------------------------------------------------------------------
     def cond(self, batch: dict[str, Tensor]) -> Tensor | None:
@@ -98,7 +97,3 @@ class DiffusionDistiller(Distiller):
         ema = copy.deepcopy(model).requires_grad_(False)
         ema.diffusion = dict(diffusion_spec(model))
         return ema
-
-    @staticmethod
-    def ema_step(ema: nn.Module, model: nn.Module, decay: float) -> None:
-        ema_update(ema, model, decay)

@@ -1,8 +1,6 @@
 """Pure pieces of the distribution-matching methods beyond ``dmd.py`` (``dmd``, ``decoupled_dmd``,
 ``phased_dmd``, ``flash_dmd``).
 
-- ``denoising_loss``: the fake-score critic's loss (DMD2 ``compute_loss_fake``: the diffusion loss on
-  detached generator samples, here in the critic's own parameterisation, as the teacher was trained);
 - ``GANHead`` and ``gan_critic_loss`` / ``gan_generator_loss``: DMD2's classifier branch on the fake
   network's features (official ``cls_pred_branch`` on the UNet bottleneck, ``compute_cls_logits`` on
   clean images) with its softplus losses (``compute_guidance_clean_cls_loss``,
@@ -22,15 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.diffusion.sampling import cfg, time_grid
-from distill.diffusion.schedules import Schedule, from_x0_eps
+from distill.diffusion.schedules import Schedule
 
 
 # --- the fake-score critic --------------------------------------------------------------------------
-def denoising_loss(pred: Tensor, x0: Tensor, eps: Tensor, kind: str, t: Tensor, sched: Schedule) -> Tensor:
-    """MSE between a denoiser's prediction of ``kind`` at x_t = α x₀ + σ ε and its target from (x₀, ε)."""
-    return F.mse_loss(pred, from_x0_eps(x0.detach(), eps, kind, t, sched))
-
-
 # --- DMD2's GAN head -------------------------------------------------------------------------------
 def feature_module(model: nn.Module) -> nn.Module:
     """The layer whose output the GAN head reads: the last residual block of ``mlp_denoiser``, the

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 ScheduleName = Literal["flow", "vp_cosine", "trigflow"]
@@ -98,6 +99,12 @@ def to_x0_eps(pred: Tensor, kind: str, x_t: Tensor, t: Tensor, sched: Schedule) 
         det = a * ds - s * da
         return (ds * x_t - s * pred) / det, (a * pred - da * x_t) / det
     raise ValueError(f"unknown prediction '{kind}': one of {PREDICTIONS}")
+
+
+def denoising_loss(pred: Tensor, x0: Tensor, eps: Tensor, kind: str, t: Tensor, sched: Schedule) -> Tensor:
+    """MSE between a denoiser's prediction of ``kind`` at x_t = α x₀ + σ ε and its target from (x₀, ε):
+    denoising score matching / flow matching (teachers, DMD2's fake-score critic)."""
+    return F.mse_loss(pred, from_x0_eps(x0.detach(), eps, kind, t, sched))
 
 
 def from_x0_eps(x0: Tensor, eps: Tensor, kind: str, t: Tensor, sched: Schedule) -> Tensor:

@@ -34,6 +34,7 @@ from distill.core.distiller import Step
 from distill.core.registry import METHODS
 from distill.diffusion import consistency as C
 from distill.diffusion.base import DiffusionDistiller, DiffusionParams
+from distill.diffusion.models import ema_update
 from distill.diffusion.sampling import default_t_max
 
 
@@ -117,7 +118,7 @@ class ConsistencyDistiller(DiffusionDistiller):
 
     def on_optimizer_step(self) -> None:
         super().on_optimizer_step()
-        self.ema_step(self.target, self.student, self.params.ema_decay)
+        ema_update(self.target, self.student, self.params.ema_decay)
 
 
 @METHODS.register("cd", "consistency distillation (LCM form): EMA target, Heun/DDIM teacher step, pseudo-Huber",

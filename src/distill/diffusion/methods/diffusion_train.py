@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
@@ -20,7 +19,7 @@ from distill.core.distiller import Step
 from distill.core.registry import METHODS
 from distill.diffusion.base import DiffusionDistiller, DiffusionParams
 from distill.diffusion.sampling import null_labels
-from distill.diffusion.schedules import from_x0_eps
+from distill.diffusion.schedules import denoising_loss
 
 
 class TrainParams(DiffusionParams):
@@ -55,5 +54,5 @@ class DiffusionTrain(DiffusionDistiller):
         t = sample_times(len(x0), self.params.time, self.params.t_min, x0.device)
         x_t, eps = self.noisy(x0, t)
         kind = self.student.diffusion["prediction"]
-        loss = F.mse_loss(self.student(x_t, t, cond), from_x0_eps(x0, eps, kind, t, self.s_sched))
+        loss = denoising_loss(self.student(x_t, t, cond), x0, eps, kind, t, self.s_sched)
         return Step({"student": loss})

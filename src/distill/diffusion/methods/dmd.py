@@ -35,9 +35,10 @@ from distill.core.distiller import Step
 from distill.core.registry import METHODS
 from distill.diffusion.base import DiffusionDistiller, DiffusionParams
 from distill.diffusion.dmd import dmd_loss
-from distill.diffusion.dmd_parts import GANHead, denoising_loss, gan_critic_loss, gan_generator_loss
+from distill.diffusion.dmd_parts import GANHead, gan_critic_loss, gan_generator_loss
 from distill.diffusion.models import diffusion_spec
 from distill.diffusion.sampling import default_t_max, predict, time_grid
+from distill.diffusion.schedules import denoising_loss
 
 
 class DMDParams(DiffusionParams):
